@@ -1,0 +1,76 @@
+"""What every command shares: one-line errors and honest exit codes, signals, common options.
+
+Commands are thin: parse arguments, call one library function, and let `run_main` turn what goes
+wrong into a single line on stderr and an exit status (1 for errors, 2 for usage, 130 for Ctrl-C,
+143 for SIGTERM) instead of a traceback.
+"""
+
+import os
+import signal
+import sys
+
+from ..errors import TarprocError
+
+
+class Terminated(BaseException):
+    """Raised in the main thread on SIGTERM so that cleanup code (finally, __exit__) runs."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def error_line(prog, message):
+    """Print `prog: error: message` as one line on stderr."""
+    text = " ".join(str(message).split("\n")).strip()
+    print(f"{prog}: error: {text}", file=sys.stderr, flush=True)
+
+
+def run_main(prog, fn, argv=None):
+    """Run `fn(argv)` as a command's body and exit with a status that tells the truth."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        status = fn(argv)
+    except Terminated:
+        error_line(prog, "terminated")
+        status = 143
+    except KeyboardInterrupt:
+        error_line(prog, "interrupted")
+        status = 130
+    except BrokenPipeError:
+        # the reader went away (e.g. `| head`): stop quietly, as Unix filters do
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        status = 141
+    except TarprocError as exc:
+        error_line(prog, exc)
+        status = 1
+    except OSError as exc:
+        error_line(prog, f"{exc.filename + ': ' if exc.filename else ''}{exc.strerror or exc}")
+        status = 1
+    if os.environ.get("TARPROC_DEBUG") and status not in (0, None):
+        import traceback
+        traceback.print_exc()
+    sys.exit(status or 0)
+
+
+def add_cluster_options(parser):
+    """`-c ADDRESS` (a running dask-scheduler) and `-j N` (local workers) for the Dask jobs."""
+    parser.add_argument("-c", "--cluster", metavar="ADDRESS",
+                        help="address of a running dask-scheduler (host:8786); default: start a local cluster")
+    parser.add_argument("-j", "--workers", type=int, metavar="N",
+                        help="worker processes of the local cluster (default: one per core)")
+
+
+def add_job_options(parser):
+    """Options every shard job shares: retries, resume, progress, logs and statistics."""
+    add_cluster_options(parser)
+    parser.add_argument("--retries", type=int, default=2, help="retries of a failed shard (default 2)")
+    parser.add_argument("--force", action="store_true", help="redo shards whose output already exists")
+    parser.add_argument("--no-speculation", action="store_true",
+                        help="never start speculative copies of straggling shards")
+    parser.add_argument("--log-dir", metavar="DIR", help="keep each shard's log here")
+    parser.add_argument("--stats", metavar="FILE.json", help="write per-shard statistics and totals here")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")

@@ -1,0 +1,185 @@
+"""Samples in and out of storage: the one obvious call for reading a shard or pattern, and writers
+that commit each shard atomically.
+
+This joins the three core layers (storage, shard patterns, tar I/O) and is what the commands and
+the Python API use for every read and write of samples.
+"""
+
+import hashlib
+
+from . import shards, storage, tario
+from .errors import TarprocError
+
+
+def iter_samples(source, *, strict=False, count=None, max_member_size=None, unsafe="error"):
+    """Yield the samples of a URL, a shard pattern, or a list of them, read one after another.
+
+    Each sample is a dict with `__key__`, `__url__` (the shard it came from, `-` for stdin) and one
+    bytes value per extension. `count` stops after that many samples in all.
+    """
+    seen = 0
+    if count is not None and count <= 0:
+        return
+    for url in shards.expand_inputs(source):
+        with storage.open_read(url) as raw:
+            stream = tario.open_decompressed(raw)
+            for sample in tario.iter_samples(stream, url=url, strict=strict,
+                                             max_member_size=max_member_size, unsafe=unsafe):
+                yield sample
+                seen += 1
+                if count is not None and seen >= count:
+                    return
+
+
+class _Tally:
+    """A write-through file object that counts and hashes what passes to the real one."""
+
+    def __init__(self, target):
+        self.target = target
+        self.nbytes = 0
+        self.sha256 = hashlib.sha256()
+
+    def write(self, data):
+        self.nbytes += len(data)
+        self.sha256.update(data)
+        return self.target.write(data)
+
+    def flush(self):
+        flush = getattr(self.target, "flush", None)
+        if flush:
+            flush()
+
+
+class SampleWriter:
+    """Write samples as one tar to a URL; the object appears there only when the writer commits.
+
+    Compression follows the name (`.tgz`, `.tar.zst`, ...) unless given. Use it as a context
+    manager: a clean exit commits, an exception aborts and leaves nothing at the destination.
+
+        with SampleWriter("out/shard-0000.tar.gz") as sink:
+            for sample in samples:
+                sink.write(sample)
+    """
+
+    def __init__(self, url, compression="auto", mtime=0):
+        self.url = url
+        if compression == "auto":
+            compression = tario.compression_for_name(url)
+        self._store = storage.open_write(url)
+        self._tally = _Tally(self._store)
+        self._tar = tario.TarWriter(self._tally, compression=compression)
+        self.count = 0
+        self.closed = False
+
+    def write(self, sample):
+        self._tar.write(sample)
+        self.count += 1
+
+    @property
+    def nbytes(self):
+        """Bytes written to storage so far (after compression)."""
+        return self._tally.nbytes
+
+    @property
+    def sha256(self):
+        return self._tally.sha256.hexdigest()
+
+    def close(self):
+        """Finish the archive and commit it under its final name."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self._tar.close()
+        except BaseException:
+            self._store.abort()
+            raise
+        self._store.commit()
+
+    def abort(self):
+        """Drop everything written; nothing appears at the destination."""
+        if self.closed:
+            return
+        self.closed = True
+        self._store.abort()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+        return False
+
+
+def write_samples(url, samples, compression="auto"):
+    """Write an iterable of samples to one URL atomically; returns (count, bytes written)."""
+    with SampleWriter(url, compression=compression) as sink:
+        for sample in samples:
+            sink.write(sample)
+    return sink.count, sink.nbytes
+
+
+class ShardWriter:
+    """Write a stream of samples as numbered shards of at most `maxcount` samples / `maxsize` bytes.
+
+    `pattern` is printf-style (`out/ds-%06d.tar`) or `{}`-style (`out/ds-{:06d}.tar`). Every shard
+    is committed atomically as soon as it is full; `shards` lists what was written, as dicts of
+    url, count, bytes and sha256 (a manifest). Like WebDataset's ShardWriter, but atomic and for
+    any storage URL.
+    """
+
+    def __init__(self, pattern, maxcount=100_000, maxsize=3e9, start=0, compression="auto"):
+        if not (shards.is_printf(pattern) or "{" in pattern):
+            raise TarprocError(f"{pattern}: a ShardWriter needs a numbered pattern such as ds-%06d.tar")
+        self.pattern = pattern
+        self.maxcount = maxcount
+        self.maxsize = maxsize
+        self.index = start
+        self.compression = compression
+        self.shards = []
+        self._sink = None
+        self._raw_size = 0
+
+    def _name(self, index):
+        if shards.is_printf(self.pattern):
+            return shards.printf_name(self.pattern, index)
+        return self.pattern.format(index)
+
+    def write(self, sample):
+        size = sum(len(v) for k, v in sample.items() if not k.startswith("__") and isinstance(v, (bytes, str)))
+        if self._sink is not None and (self._sink.count >= self.maxcount
+                                       or self._raw_size + size > self.maxsize):
+            self._finish()
+        if self._sink is None:
+            self._sink = SampleWriter(self._name(self.index), compression=self.compression)
+            self._raw_size = 0
+            self.index += 1
+        self._sink.write(sample)
+        self._raw_size += size
+
+    def _finish(self):
+        sink, self._sink = self._sink, None
+        sink.close()
+        self.shards.append({"url": sink.url, "count": sink.count, "bytes": sink.nbytes, "sha256": sink.sha256})
+
+    def close(self):
+        if self._sink is not None:
+            self._finish()
+
+    def abort(self):
+        if self._sink is not None:
+            self._sink.abort()
+            self._sink = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+        return False
