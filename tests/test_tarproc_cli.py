@@ -1,0 +1,221 @@
+"""The `tarproc` command, run as a user runs it: real bash, real tar shards, real ImageMagick."""
+
+import io
+import os
+import signal
+import subprocess
+import tarfile
+import time
+
+import pytest
+
+from cli_helpers import BIN, assert_one_line_error, sh, shell_env
+from tarproc import iter_samples
+
+
+@pytest.fixture
+def data(imagenet_dir, workdir):
+    """The seed commands' working directory: imagenet_train-0000.tgz .. -0007.tgz (10 samples each)."""
+    for path in sorted(imagenet_dir.iterdir()):
+        (workdir / path.name).symlink_to(path)
+    return workdir
+
+
+def keys_of(path):
+    return [s["__key__"] for s in iter_samples(str(path))]
+
+
+def test_seed_ls_lists_the_sample_files(data):
+    proc = sh("cat imagenet_train-0000.tgz | tarproc -c ls --count 3", data, check=True)
+    names = proc.stdout.decode().split()
+    assert names == ["__key__", "__source__", "sample.cls", "sample.jpg", "sample.json"] * 3
+
+
+def test_seed_cat_key_prints_three_keys(data):
+    proc = sh("cat imagenet_train-0000.tgz | tarproc -c 'cat __key__; echo' --count 3", data, check=True)
+    assert proc.stdout.decode().splitlines() == keys_of(data / "imagenet_train-0000.tgz")[:3]
+    assert "3 in, 3 out" in proc.stderr.decode()
+
+
+def test_seed_convert_count_3_writes_ppm(data):
+    sh("cat imagenet_train-0000.tgz | tarproc -c 'convert sample.jpg sample.ppm; rm sample.jpg' --count 3 -o out.tar",
+       data, check=True)
+    inputs = list(iter_samples(str(data / "imagenet_train-0000.tgz")))[:3]
+    outputs = list(iter_samples(str(data / "out.tar")))
+    assert [s["__key__"] for s in outputs] == [s["__key__"] for s in inputs]
+    for i, o in zip(inputs, outputs):
+        assert sorted(k for k in o if not k.startswith("__")) == ["cls", "json", "ppm"]
+        assert o["cls"] == i["cls"] and o["json"] == i["json"]
+        assert o["ppm"].startswith(b"P6\n256 256\n255\n")
+        assert len(o["ppm"]) == len(b"P6\n256 256\n255\n") + 256 * 256 * 3
+    listing = subprocess.run(["tar", "tvf", str(data / "out.tar")], capture_output=True, text=True)
+    assert listing.returncode == 0 and listing.stderr == ""
+
+
+def test_seed_parallel_convert_keeps_order_and_webdataset_reads_it(data):
+    import webdataset as wds
+
+    sh('cat imagenet_train-0000.tgz | tarproc -p 8 -c "convert sample.jpg sample.ppm; rm sample.jpg" -o out.tar',
+       data, check=True)
+    want = keys_of(data / "imagenet_train-0000.tgz")
+    assert keys_of(data / "out.tar") == want
+    got = [s["__key__"] for s in wds.WebDataset(str(data / "out.tar"), shardshuffle=False)]
+    assert got == want
+
+
+def test_seed_curl_gm_curl_through_nginx(data, nginx_server):
+    (nginx_server.root / "imagenet_train-0000.tgz").write_bytes((data / "imagenet_train-0000.tgz").read_bytes())
+    url = nginx_server.url
+    sh(f"curl -s {url}/imagenet_train-0000.tgz | tarproc -c 'gm convert sample.jpg sample.ppm; rm sample.jpg' -o - "
+       f"| curl -sf -T - {url}/out-0000.tar", data, check=True)
+    out = nginx_server.root / "out-0000.tar"
+    samples = list(iter_samples(str(out)))
+    assert [s["__key__"] for s in samples] == keys_of(data / "imagenet_train-0000.tgz")
+    assert all(s["ppm"].startswith(b"P6") for s in samples)
+
+
+def test_seed_pattern_of_four_shards_to_png(data):
+    sh("tarproc -c 'convert sample.jpg sample.png; rm sample.jpg' 'imagenet_train-{0000..0003}.tgz' -o converted.tar",
+       data, check=True)
+    want = [k for i in range(4) for k in keys_of(data / f"imagenet_train-{i:04d}.tgz")]
+    got = list(iter_samples(str(data / "converted.tar")))
+    assert [s["__key__"] for s in got] == want
+    assert all(s["png"].startswith(b"\x89PNG") and "jpg" not in s for s in got)
+
+
+def test_sample_dir_environment_and_source(data):
+    proc = sh("tarproc -c 'echo \"$TARPROC_INDEX $TARPROC_KEY $(cat __source__) $(stat -c %a .)\"' "
+              "imagenet_train-0001.tgz --count 2", data, check=True)
+    keys = keys_of(data / "imagenet_train-0001.tgz")
+    assert proc.stdout.decode().splitlines() == [
+        f"0 {keys[0]} imagenet_train-0001.tgz 700", f"1 {keys[1]} imagenet_train-0001.tgz 700"]
+
+
+def test_rename_drop_subdirs_and_add_log(data):
+    cmd = ("k=$(cat __key__); echo renamed-$k > __key__; "
+           "mkdir a b; echo x > a/sample.txt; echo $k-a > a/__key__; echo y > b/sample.txt; echo $k-b > b/__key__; "
+           "echo hello")
+    sh(f"tarproc -S --add-log log -c '{cmd}' imagenet_train-0000.tgz --count 2 -o out.tar", data, check=True)
+    keys = keys_of(data / "imagenet_train-0000.tgz")[:2]
+    got = list(iter_samples(str(data / "out.tar")))
+    assert [s["__key__"] for s in got] == [x for k in keys for x in (f"renamed-{k}", f"{k}-a", f"{k}-b")]
+    assert got[0]["log"] == b"hello\n" and got[1]["txt"] == b"x\n"
+    sh("tarproc -c 'rm sample.*' imagenet_train-0000.tgz -o empty.tar", data, check=True)
+    assert keys_of(data / "empty.tar") == []
+
+
+def test_basename_and_script_file(data):
+    (data / "job.sh").write_text("#!/bin/bash\nwc -c < img.jpg > img.size\n")
+    os.chmod(data / "job.sh", 0o755)
+    sh("tarproc -b img -s job.sh imagenet_train-0000.tgz --count 2 -o out.tar", data, check=True)
+    got = list(iter_samples(str(data / "out.tar")))
+    assert [int(s["size"]) for s in got] == [len(s["jpg"]) for s in got]
+
+
+def test_python_mapper(data):
+    (data / "m.py").write_text(
+        "def process_sample(s):\n"
+        "    if int(s['cls']) % 2: return None\n"
+        "    return {'__key__': s['__key__'], 'cls': s['cls'], 'size': str(len(s['jpg']))}\n")
+    sh("tarproc -P m.py 'imagenet_train-{0000..0001}.tgz' -p 2 -o out.tar", data, check=True)
+    want = [s for p in ("0000", "0001") for s in iter_samples(str(data / f"imagenet_train-{p}.tgz"))
+            if int(s["cls"]) % 2 == 0]
+    got = list(iter_samples(str(data / "out.tar")))
+    assert [(s["__key__"], int(s["size"])) for s in got] == [(s["__key__"], len(s["jpg"])) for s in want]
+
+
+def test_failure_aborts_with_key_status_and_stderr_and_no_output(data):
+    proc = sh("tarproc -c 'if [ $TARPROC_INDEX = 3 ]; then echo broken image >&2; exit 7; fi' "
+              "imagenet_train-0000.tgz -o out.tar", data)
+    err = assert_one_line_error(proc, "tarproc")
+    key = keys_of(data / "imagenet_train-0000.tgz")[3]
+    assert key in err and "exit status 7" in err and "broken image" in err
+    assert not (data / "out.tar").exists()
+    assert [p for p in os.listdir(data) if p.startswith(".out.tar")] == []
+
+
+@pytest.mark.parametrize("policy,count", [("skip", 9), ("keep", 10)])
+def test_failure_skip_and_keep(data, policy, count):
+    proc = sh(f"tarproc --errors {policy} -c '[ $TARPROC_INDEX != 3 ] || exit 1; touch sample.new' "
+              "imagenet_train-0000.tgz -o out.tar", data, check=True)
+    assert len(keys_of(data / "out.tar")) == count
+    assert f"1 {'skipped' if policy == 'skip' else 'kept'}" in proc.stderr.decode()
+
+
+def test_timeout_kills_the_process_group(data, tmp_path):
+    marker = tmp_path / "left"
+    proc = sh(f"tarproc --timeout 1 -c '(sleep 30; touch {marker}) & sleep 30' imagenet_train-0000.tgz --count 1",
+              data, timeout=60)
+    err = assert_one_line_error(proc, "tarproc")
+    assert "timed out" in err
+    time.sleep(0.2)
+    assert subprocess.run(["pgrep", "-f", f"touch {marker}"], capture_output=True).returncode == 1
+
+
+def test_output_on_stdout_sends_command_output_to_stderr(data):
+    proc = sh("tarproc -c 'echo chatter' imagenet_train-0000.tgz --count 2 -o - > out.tar", data, check=True)
+    assert proc.stderr.decode().count("chatter") == 2
+    assert len(keys_of(data / "out.tar")) == 2
+
+
+def test_not_a_tar_is_a_one_line_error(data):
+    (data / "bad.tgz").write_bytes(b"this is not a tar file at all" * 40)
+    proc = sh("tarproc -c true bad.tgz -o out.tar", data)
+    err = assert_one_line_error(proc, "tarproc")
+    assert "bad.tgz" in err and not (data / "out.tar").exists()
+
+
+def test_truncated_input_from_a_pipe(data):
+    proc = sh("head -c 150000 imagenet_train-0000.tgz | tarproc -c true -o out.tar", data)
+    assert_one_line_error(proc, "tarproc")
+    assert not (data / "out.tar").exists()
+
+
+def _hostile_tar(path, name):
+    with tarfile.open(path, "w") as tar:
+        for member, data in (("good.txt", b"ok"), (name, b"evil"), ("after.txt", b"ok")):
+            info = tarfile.TarInfo(member)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.mark.parametrize("name", ["../escape.txt", "/tmp/abs.txt", "a/../../up.txt", "bad\nname.txt"])
+def test_hostile_member_names_are_refused(data, name):
+    _hostile_tar(data / "hostile.tar", name)
+    proc = sh("tarproc -c 'cat sample.txt' hostile.tar -o out.tar", data)
+    assert_one_line_error(proc, "tarproc")
+    assert not (data / "out.tar").exists()
+    assert not (data.parent / "escape.txt").exists() and not os.path.exists("/tmp/abs.txt")
+    proc = sh("tarproc --errors skip -c 'cat sample.txt' hostile.tar -o out.tar", data, check=True)
+    assert keys_of(data / "out.tar") == ["good", "after"]
+
+
+def test_keys_never_reach_the_shell(data, tmp_path):
+    marker = tmp_path / "pwned"
+    with tarfile.open(data / "evil.tar", "w") as tar:
+        info = tarfile.TarInfo(f"$(touch {marker}).txt")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
+    sh("tarproc -c 'cat __key__; echo $TARPROC_KEY' evil.tar", data, check=True)
+    assert not marker.exists()
+
+
+def test_sigterm_stops_children_and_leaves_nothing(data, tmp_path):
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    proc = subprocess.Popen([str(BIN / "tarproc"), "-p", "2", "--tmpdir", str(tmp), "-c", "sleep 30",
+                             "imagenet_train-0000.tgz", "-o", "out.tar"], cwd=data, env=shell_env(),
+                            stderr=subprocess.PIPE)
+    time.sleep(2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143, err
+    assert not (data / "out.tar").exists()
+    assert [p for p in tmp.rglob("*")] == []
+    assert subprocess.run(["pgrep", "-f", "sleep 30"], capture_output=True).returncode == 1
+
+
+def test_identity_copy_recompresses_by_name(data):
+    sh("tarproc 'imagenet_train-{0000..0001}.tgz' -o all.tar.zst", data, check=True)
+    assert (data / "all.tar.zst").read_bytes()[:4] == b"\x28\xb5\x2f\xfd"
+    assert len(keys_of(data / "all.tar.zst")) == 20
