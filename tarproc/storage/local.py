@@ -1,0 +1,177 @@
+"""Local files, ``file://`` URLs and ``-`` (standard input and output)."""
+
+import glob as _glob
+import io
+import os
+import sys
+import tempfile
+
+from tarproc.storage.base import Writer, fail
+from tarproc.storage.urls import local_path
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def open_read(url):
+    """Open a local file for buffered binary reading."""
+    path = local_path(url)
+    try:
+        return open(path, "rb")
+    except OSError as exc:
+        raise fail("cannot open", url, exc) from exc
+
+
+class LocalWriter(Writer):
+    """Writes to ``.NAME.tmp-XXXX`` beside the target and renames it into place on commit.
+
+    The rename is atomic within a filesystem, so a reader sees either no file or the complete
+    one; an aborted or crashed write leaves at most the hidden temp file (removed on abort).
+    """
+
+    def __init__(self, url, fsync=False):
+        super().__init__(url)
+        self.path = os.path.abspath(local_path(url))
+        self.fsync = fsync
+        directory, base = os.path.split(self.path)
+        if not base:
+            raise fail("cannot write", url, "not a file name")
+        try:
+            os.makedirs(directory, exist_ok=True)
+            fd, self.tmp = tempfile.mkstemp(prefix=f".{base}.tmp-", dir=directory)
+            os.fchmod(fd, 0o666 & ~_umask())
+        except OSError as exc:
+            raise fail("cannot write", url, exc) from exc
+        self.file = os.fdopen(fd, "wb", buffering=1 << 20)
+
+    def _write(self, data):
+        try:
+            self.file.write(data)
+        except OSError as exc:
+            raise fail("cannot write", self.url, exc) from exc
+
+    def _commit(self):
+        try:
+            self.file.flush()
+            if self.fsync:
+                os.fsync(self.file.fileno())
+            self.file.close()
+            os.replace(self.tmp, self.path)
+            if self.fsync:
+                dfd = os.open(os.path.dirname(self.path), os.O_RDONLY)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
+        except OSError as exc:
+            raise fail("cannot commit", self.url, exc) from exc
+
+    def _abort(self):
+        try:
+            self.file.close()
+        except OSError:
+            pass
+        try:
+            os.unlink(self.tmp)
+        except FileNotFoundError:
+            pass
+
+
+class _StdinReader(io.RawIOBase):
+    """Standard input as a readable stream whose close leaves the real stdin open."""
+
+    name = "-"
+
+    def __init__(self):
+        super().__init__()
+        self._stream = sys.stdin.buffer
+
+    def readable(self):
+        return True
+
+    def readinto(self, b):
+        stream = self._stream
+        if hasattr(stream, "readinto1"):
+            return stream.readinto1(b)
+        return stream.readinto(b)
+
+
+def open_stdin():
+    """Standard input, buffered; closing it does not close the process's stdin."""
+    return io.BufferedReader(_StdinReader(), buffer_size=1 << 16)
+
+
+class StdoutWriter(Writer):
+    """Standard output. Commit flushes; abort cannot take back what was written."""
+
+    def __init__(self):
+        super().__init__("-")
+        self.stream = sys.stdout.buffer
+
+    def _write(self, data):
+        try:
+            self.stream.write(data)
+        except OSError as exc:
+            raise fail("cannot write", "-", exc) from exc
+
+    def _commit(self):
+        try:
+            self.stream.flush()
+        except OSError as exc:
+            raise fail("cannot write", "-", exc) from exc
+
+    def _abort(self):
+        try:
+            self.stream.flush()
+        except OSError:
+            pass
+
+
+def exists(url):
+    return os.path.exists(local_path(url))
+
+
+def size(url):
+    try:
+        return os.stat(local_path(url)).st_size
+    except OSError as exc:
+        raise fail("cannot stat", url, exc) from exc
+
+
+def remove(url):
+    try:
+        os.unlink(local_path(url))
+    except OSError as exc:
+        raise fail("cannot remove", url, exc) from exc
+
+
+def _join(url, name):
+    return url + name if url.endswith("/") else url + "/" + name
+
+
+def listdir(url):
+    """Entries of a directory, or the files whose path starts with ``url`` (a prefix)."""
+    path = local_path(url)
+    try:
+        if os.path.isdir(path):
+            return sorted(_join(url, name) for name in os.listdir(path))
+        parent_url, _, base = url.rpartition("/")
+        parent = os.path.dirname(path) or "."
+        names = sorted(n for n in os.listdir(parent) if n.startswith(base))
+    except OSError as exc:
+        raise fail("cannot list", url, exc) from exc
+    if not parent_url and not url.startswith("/"):
+        return names
+    return [(parent_url or "") + "/" + n for n in names]
+
+
+def glob(pattern):
+    path = local_path(pattern)
+    matches = sorted(_glob.glob(path))
+    if path != pattern:  # a file:// URL: answer in the same form
+        prefix = pattern[: len(pattern) - len(path)]
+        return [prefix + m for m in matches]
+    return matches
