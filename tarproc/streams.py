@@ -22,7 +22,7 @@ def iter_samples(source, *, strict=False, count=None, max_member_size=None, unsa
         return
     for url in shards.expand_inputs(source):
         with storage.open_read(url) as raw:
-            stream = tario.open_decompressed(raw)
+            stream = tario.open_decompressed(raw, url=url)
             for sample in tario.iter_samples(stream, url=url, strict=strict,
                                              max_member_size=max_member_size, unsafe=unsafe):
                 yield sample

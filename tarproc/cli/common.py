@@ -74,3 +74,27 @@ def add_job_options(parser):
     parser.add_argument("--log-dir", metavar="DIR", help="keep each shard's log here")
     parser.add_argument("--stats", metavar="FILE.json", help="write per-shard statistics and totals here")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
+
+
+def job_kwargs(args):
+    """The driver options of a parsed command line, as keyword arguments for the job functions."""
+    return {"cluster": args.cluster, "workers": args.workers, "retries": args.retries,
+            "force": args.force, "speculation": not args.no_speculation,
+            "progress": not args.quiet, "log_dir": args.log_dir}
+
+
+def report_job(prog, args, result):
+    """Write --stats, print the one-line summary and the failed shards; return the exit status."""
+    if args.stats:
+        result.to_json(args.stats)
+    if result.skipped and not args.quiet:
+        print(f"{prog}: skipped {result.skipped} shard(s) whose output already exists (--force to redo)",
+              file=sys.stderr)
+    for key, error in result.failed:
+        print(f"{prog}: failed: {key}: {error}", file=sys.stderr)
+    if not args.quiet or result.failed:
+        print(f"{prog}: {result.summary()}", file=sys.stderr)
+    if result.failed:
+        error_line(prog, f"{len(result.failed)} of {result.total} shard(s) failed")
+        return 1
+    return 0
