@@ -171,7 +171,7 @@ def test_rerun_after_interruption_does_only_missing_shards(data, tmp_path):
     inputs = str(data / "data/imagenet_train-{0000..0007}.tgz")
     outputs = str(data / "out/m-@8.tar")
     with pytest.raises(JobFailed):
-        map_shards(inputs, outputs, _fail_on_shard_5, workers=2, retries=0, progress=False)
+        map_shards(inputs, outputs, _fail_on_shard_5, workers=2, retries=0, progress=False, check=True)
     assert len(os.listdir(data / "out")) == 7
     first = {p: os.stat(data / "out" / p).st_mtime_ns for p in os.listdir(data / "out")}
     result = map_shards(inputs, outputs, _identity, workers=2, progress=False)

@@ -129,13 +129,13 @@ def _job_options(kw):
 
 
 def map_shards(inputs, outputs, process_sample=None, *, command=None, errors="abort", strict=False,
-               shell_options=None, check=True, **job):
+               shell_options=None, check=False, **job):
     """The `htmapper` job: input shard i through `process_sample` (or a shell `command`) to output shard i.
 
     `process_sample` is a callable or the path of a Python file defining one; `command` a shell
     command run per sample like `tarproc -c`. Shards whose output exists are skipped unless
     `force=True` (resume). Job options: cluster, workers, retries, force, speculation, progress,
-    log_dir. Returns the JobResult; with `check` (default) raises JobFailed when shards failed.
+    log_dir. Returns the JobResult (`.ok`, `.failed`); with `check=True` raises JobFailed instead.
 
         map_shards("data/imagenet_train-{0000..0007}.tgz", "out/converted-@8.tar", my_fn)
     """
@@ -211,7 +211,7 @@ class CountShard:
         return counter
 
 
-def extract(inputs, fields, *, as_json=False, count=None, out=None, strict=False, check=True, **job):
+def extract(inputs, fields, *, as_json=False, count=None, out=None, strict=False, check=False, **job):
     """The `htextract` job: write the chosen fields of every sample as lines to `out` (a text file object).
 
     Lines come in shard order, then sample order, although shards are read in parallel. With
@@ -245,7 +245,7 @@ def extract(inputs, fields, *, as_json=False, count=None, out=None, strict=False
     return result
 
 
-def count_values(inputs, field=None, *, strict=False, check=True, **job):
+def count_values(inputs, field=None, *, strict=False, check=False, **job):
     """How many samples have each value of `field` (or, with field None, each field name), most first.
 
     Returns (list of (value, count) most frequent first, JobResult).
