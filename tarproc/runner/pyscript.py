@@ -1,0 +1,264 @@
+"""Python code per sample: a ``process_sample(sample)`` function defined by a script's text.
+
+This is the contract shared by ``tarproc -P FILE.py`` and ``htmapper -p FILE.py``: the script
+defines ``process_sample(sample: dict) -> dict | list[dict] | None``; fields are bytes,
+``__key__`` is a str, None drops the sample. Workers receive the source text, never a path, so
+they need no filesystem shared with the process that read the file.
+
+Results are normalised by :func:`normalize_result`:
+
+- a dict is one output sample, a list or tuple of dicts several, None (or an empty list) none;
+- ``__key__`` missing means the input key — allowed only when there is a single output, since
+  several outputs with the same key would merge into one sample in a tar;
+- field values must be bytes-like; a str is encoded as UTF-8 (convenient for text fields);
+  anything else (int, float, numpy arrays, ...) is a SampleFailed naming the key and the field,
+  rather than a silent guess at an encoding;
+- other ``__meta__`` fields are kept as they are; the input's ``__url__`` is carried over when
+  the output has none;
+- keys and field names are checked like member names (no ``..``, absolute paths, control
+  characters, ``/`` in a field name): UnsafeNameError.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+import types
+
+from tarproc.errors import SampleFailed, TarprocError, UnsafeNameError
+from tarproc.runner.sampledir import SampleResult, check_ext, check_key
+
+__all__ = ["load_process_sample", "normalize_result", "PythonRunner", "ScriptError"]
+
+
+class ScriptError(TarprocError):
+    """A Python script cannot be used: syntax error, error at import, no process_sample."""
+
+
+def load_process_sample(source, filename="<script>"):
+    """Execute ``source`` in a fresh module namespace and return its ``process_sample``.
+
+    Raises ScriptError naming ``filename`` for a syntax error, an exception while the module body
+    runs, or a missing or non-callable ``process_sample``.
+    """
+    if isinstance(source, bytes):
+        source = source.decode("utf-8")
+    try:
+        code = compile(source, filename, "exec")
+    except SyntaxError as exc:
+        raise ScriptError(
+            f"{filename}: syntax error at line {exc.lineno}: {exc.msg}"
+        ) from None
+    module = types.ModuleType("__tarproc_script__")
+    module.__file__ = filename
+    try:
+        exec(code, module.__dict__)
+    except Exception as exc:
+        tail = _traceback_tail(exc)
+        raise ScriptError(
+            f"{filename}: {type(exc).__name__} while loading: {exc}\n{tail}".rstrip()
+        ) from None
+    fn = module.__dict__.get("process_sample")
+    if fn is None:
+        raise ScriptError(f"{filename}: does not define process_sample(sample)")
+    if not callable(fn):
+        raise ScriptError(f"{filename}: process_sample is not a function")
+    return fn
+
+
+def _traceback_tail(exc, lines=10):
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return "\n".join(text.rstrip("\n").split("\n")[-lines:])
+
+
+_SAFE_EXTS = set()  # field names already checked by check_ext
+
+
+def _fail(msg, key, status="badresult"):
+    return SampleFailed(msg, key=key, status=status)
+
+
+def _one(result, in_key, url, allow_default_key):
+    if not isinstance(result, dict):
+        raise _fail(
+            f"sample {in_key!r}: process_sample returned a list holding "
+            f"{type(result).__name__}, not dict",
+            in_key,
+        )
+    out = dict(result)
+    key = out.get("__key__")
+    if key is None:
+        if not allow_default_key:
+            raise _fail(
+                f"sample {in_key!r}: process_sample returned several samples; "
+                "each needs its own __key__",
+                in_key,
+            )
+        out["__key__"] = key = in_key
+    elif key.__class__ is not str:
+        raise _fail(
+            f"sample {in_key!r}: __key__ returned by process_sample is "
+            f"{type(key).__name__}, not str",
+            in_key,
+        )
+    check_key(key, "key returned by process_sample")
+    fixed = None
+    for name, value in out.items():
+        if value.__class__ is bytes and name in _SAFE_EXTS:
+            continue  # the common case: a field name seen before, bytes
+        if name[:2] == "__":
+            continue
+        if value.__class__ is not bytes:
+            if isinstance(value, str):
+                value = value.encode("utf-8")
+            elif isinstance(value, (bytes, bytearray, memoryview)):
+                value = bytes(value)
+            else:
+                raise _fail(
+                    f"sample {key!r}: field {name!r} is {type(value).__name__}, "
+                    "not bytes or str",
+                    key,
+                )
+            if fixed is None:
+                fixed = []
+            fixed.append((name, value))
+        if name not in _SAFE_EXTS:
+            check_ext(name, key)
+            if len(_SAFE_EXTS) < 4096:
+                _SAFE_EXTS.add(name)
+    if fixed:
+        out.update(fixed)
+    if url is not None and "__url__" not in out:
+        out["__url__"] = url
+    return out
+
+
+def normalize_result(result, in_sample):
+    """Turn what process_sample returned into a list of output samples (see module doc)."""
+    in_key = in_sample.get("__key__")
+    url = in_sample.get("__url__")
+    if result is None:
+        return []
+    if isinstance(result, dict):
+        return [_one(result, in_key, url, True)]
+    if isinstance(result, (list, tuple)):
+        single = len(result) == 1
+        return [_one(r, in_key, url, single) for r in result]
+    raise _fail(
+        f"sample {in_key!r}: process_sample returned {type(result).__name__}; "
+        "expected dict, list of dicts or None",
+        in_key,
+    )
+
+
+class _Capture:
+    """A minimal text sink standing in for sys.stdout/sys.stderr while user code runs."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self):
+        self.parts = []
+
+    def write(self, s):
+        self.parts.append(s)
+        return len(s)
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return False
+
+    def take(self):
+        if not self.parts:
+            return b""
+        data = "".join(self.parts).encode("utf-8", "replace")
+        self.parts.clear()
+        return data
+
+
+class PythonRunner:
+    """Run a script's ``process_sample`` on each sample, in the current process.
+
+    Picklable: it carries the source text and compiles it lazily, once per process. What the code
+    prints to ``sys.stdout``/``sys.stderr`` is captured per sample into the result (writes made
+    below Python, to file descriptors 1 and 2, are not). An exception in the user code becomes a
+    SampleFailed (status ``"exception"``) with the traceback's tail. The function receives a
+    shallow copy of the sample, so the input stays unchanged for ``errors="keep"``.
+    """
+
+    def __init__(self, source, filename="<script>"):
+        if isinstance(source, bytes):
+            source = source.decode("utf-8")
+        self.source = source
+        self.filename = filename
+        self._fn = None
+        self._out = _Capture()
+        self._err = _Capture()
+
+    @classmethod
+    def from_file(cls, path):
+        """A runner for the script at ``path`` (read now; the text travels with the object)."""
+        with open(path, "rb") as f:
+            return cls(f.read().decode("utf-8"), path)
+
+    def __getstate__(self):
+        return {"source": self.source, "filename": self.filename, "_fn": None,
+                "_out": _Capture(), "_err": _Capture()}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
+    def load(self):
+        """Compile the script now (to report a ScriptError before any sample is read)."""
+        if self._fn is None:
+            self._fn = load_process_sample(self.source, self.filename)
+        return self._fn
+
+    def close(self):
+        """Nothing to release; present for symmetry with ShellRunner."""
+
+    def __call__(self, sample, index=0):
+        return self.run(sample, index)
+
+    def run(self, sample, index=0):
+        """Call process_sample on a copy of ``sample``; return a SampleResult."""
+        fn = self._fn or self.load()
+        out, err = self._out, self._err
+        if out.parts or err.parts:  # left over from an interrupted call
+            out.take(), err.take()
+        saved_out, saved_err = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = out, err
+        try:
+            result = fn(dict(sample))
+        except Exception as exc:
+            sys.stdout, sys.stderr = saved_out, saved_err
+            key = sample.get("__key__")
+            stderr = err.take()
+            tail = _traceback_tail(exc)
+            failed = SampleFailed(
+                f"sample {key!r}: process_sample raised {type(exc).__name__}: {exc}",
+                key=key,
+                status="exception",
+                stderr_tail="\n".join(
+                    (stderr.decode("utf-8", "replace").rstrip("\n") + "\n" + tail)
+                    .strip("\n")
+                    .split("\n")[-10:]
+                ),
+            )
+            failed.stdout = out.take()
+            failed.stderr = stderr + tail.encode("utf-8", "replace")
+            raise failed from None
+        finally:
+            if sys.stdout is out:
+                sys.stdout, sys.stderr = saved_out, saved_err
+        stdout, stderr = out.take(), err.take()
+        try:
+            outputs = normalize_result(result, sample)
+        except (SampleFailed, UnsafeNameError) as exc:
+            exc.stdout, exc.stderr = stdout, stderr
+            raise
+        return SampleResult(outputs, stdout, stderr)
+
+    def __repr__(self):
+        return f"PythonRunner(filename={self.filename!r})"

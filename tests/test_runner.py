@@ -1,0 +1,367 @@
+"""ShellRunner and PythonRunner on single samples: real bash, real ImageMagick, real files."""
+
+import os
+import pickle
+import shutil
+import subprocess
+import time
+
+import psutil
+import pytest
+
+from tarproc.errors import SampleFailed, UnsafeNameError
+from tarproc.runner import PythonRunner, ScriptError, ShellRunner, load_process_sample
+from tarproc.runner import normalize_result
+
+CONVERT = shutil.which("convert", path="/usr/bin") or shutil.which("convert")
+
+
+@pytest.fixture(scope="module")
+def jpeg(tmp_path_factory):
+    """A real 32x32 red JPEG made by ImageMagick."""
+    d = tmp_path_factory.mktemp("img")
+    subprocess.run([CONVERT, "-size", "32x32", "xc:red", str(d / "a.jpg")], check=True)
+    return (d / "a.jpg").read_bytes()
+
+
+@pytest.fixture
+def base(tmp_path):
+    """A private temp base for the runner, to count what is left in it."""
+    d = tmp_path / "base"
+    d.mkdir()
+    return d
+
+
+def leftovers(base):
+    """Everything under base except the runners' (empty) private roots' own directory entry."""
+    found = []
+    for root, dirs, files in os.walk(base):
+        found += [os.path.join(root, f) for f in files]
+        found += [os.path.join(root, d) for d in dirs if root != str(base)]
+    return found
+
+
+def sample(jpeg=b"x", key="n01440764_10026"):
+    return {"__key__": key, "__url__": "imagenet_train-0000.tgz", "jpg": jpeg, "cls": b"0",
+            "json": b'{"a": 1}'}
+
+
+def test_files_key_source_env(base, jpeg):
+    r = ShellRunner("ls; cat __key__; echo; cat __source__; echo; "
+                    'echo "$TARPROC_KEY|$TARPROC_INDEX|$TARPROC_SOURCE"; stat -c %a .',
+                    tmpdir=str(base))
+    res = r.run(sample(jpeg), 7)
+    lines = res.stdout.decode().split("\n")
+    assert lines[:5] == ["__key__", "__source__", "sample.cls", "sample.jpg", "sample.json"]
+    assert lines[5:9] == ["n01440764_10026", "imagenet_train-0000.tgz",
+                          "n01440764_10026|7|imagenet_train-0000.tgz", "700"]
+    [out] = res.outputs
+    assert out == sample(jpeg)
+    r.close()
+    assert not base.exists() or os.listdir(base) == []
+
+
+def test_source_is_dash_without_url(base):
+    r = ShellRunner("cat __source__", tmpdir=str(base))
+    res = r.run({"__key__": "k", "txt": b"t"})
+    assert res.stdout == b"-"
+    assert "__url__" not in res.outputs[0]
+
+
+def test_rename_and_convert_real_jpeg(base, jpeg):
+    r = ShellRunner("echo newkey > __key__; convert sample.jpg sample.ppm; rm sample.jpg",
+                    tmpdir=str(base))
+    env_path = os.environ["PATH"]
+    os.environ["PATH"] = "/usr/bin:" + env_path
+    try:
+        [out] = r.run(sample(jpeg)).outputs
+    finally:
+        os.environ["PATH"] = env_path
+    assert out["__key__"] == "newkey"
+    assert set(out) == {"__key__", "__url__", "cls", "json", "ppm"}
+    assert out["ppm"].startswith(b"P6\n32 32\n255\n")
+    assert out["ppm"][-3:] == b"\xfe\x00\x00" or out["ppm"][-3:] == b"\xff\x00\x00"
+
+
+def test_graphicsmagick(base, jpeg):
+    if not shutil.which("gm"):
+        pytest.skip("no GraphicsMagick")
+    r = ShellRunner("gm convert sample.jpg sample.png; rm sample.jpg", tmpdir=str(base))
+    [out] = r.run(sample(jpeg)).outputs
+    assert out["png"].startswith(b"\x89PNG")
+
+
+def test_basename(base):
+    r = ShellRunner("ls; mv img.txt img.out", basename="img", tmpdir=str(base))
+    res = r.run({"__key__": "k", "txt": b"hello"})
+    assert res.stdout.decode().split() == ["__key__", "__source__", "img.txt"]
+    assert res.outputs == [{"__key__": "k", "out": b"hello"}]
+
+
+def test_multi_dot_extension_and_other_files_ignored(base):
+    r = ShellRunner("cp sample.seg.png sample.x.y; echo junk > other.txt", tmpdir=str(base))
+    [out] = r.run({"__key__": "k", "seg.png": b"P"}).outputs
+    assert out == {"__key__": "k", "seg.png": b"P", "x.y": b"P"}
+
+
+def test_subdirs_one_in_many_out(base):
+    cmd = ("for i in 1 2 3; do mkdir part$i; echo \"$(cat __key__)-$i\" > part$i/__key__; "
+           "echo $i > part$i/sample.txt; done; mkdir empty; mkdir nokey; echo x > nokey/sample.t")
+    r = ShellRunner(cmd, subdirs=True, tmpdir=str(base))
+    outs = r.run({"__key__": "doc", "__url__": "u", "pdf": b"%PDF"}).outputs
+    assert [o["__key__"] for o in outs] == ["doc", "doc-1", "doc-2", "doc-3"]
+    assert outs[2] == {"__key__": "doc-2", "__url__": "u", "txt": b"2\n"}
+    assert leftovers(base) == []
+
+
+def test_subdirs_only_children_when_parent_removed(base):
+    r = ShellRunner("mkdir a; echo a > a/__key__; mv sample.txt a/; rm -f sample.*",
+                    subdirs=True, tmpdir=str(base))
+    assert r.run({"__key__": "k", "txt": b"1"}).outputs == [{"__key__": "a", "txt": b"1"}]
+
+
+def test_dropped_when_all_files_removed(base):
+    r = ShellRunner("rm sample.*", tmpdir=str(base))
+    res = r.run(sample())
+    assert res.outputs == []
+
+
+def test_add_log(base):
+    r = ShellRunner("wc -c < sample.jpg; echo to-stderr >&2", add_log="log", tmpdir=str(base))
+    res = r.run(sample(b"12345"))
+    assert res.outputs[0]["log"] == b"5\n"
+    assert res.stdout == b"5\n" and res.stderr == b"to-stderr\n"
+
+
+def test_failure_status_and_stderr_tail(base):
+    cmd = "for i in $(seq 1 30); do echo line$i >&2; done; echo out; exit 3"
+    r = ShellRunner(cmd, tmpdir=str(base))
+    with pytest.raises(SampleFailed) as info:
+        r.run(sample(key="bad/one"))
+    exc = info.value
+    assert exc.key == "bad/one" and exc.status == 3
+    assert exc.stderr_tail.split("\n") == [f"line{i}" for i in range(21, 31)]
+    assert "bad/one" in str(exc) and "3" in str(exc)
+    assert exc.stdout == b"out\n"
+    assert leftovers(base) == []
+
+
+def test_killed_by_signal(base):
+    r = ShellRunner("kill -9 $$", tmpdir=str(base))
+    with pytest.raises(SampleFailed) as info:
+        r.run(sample())
+    assert info.value.status == -9
+
+
+def _sleeps_of(marker):
+    return [p for p in psutil.process_iter(["cmdline"])
+            if p.info["cmdline"] and p.info["cmdline"][:2] == ["sleep", marker]]
+
+
+def test_timeout_kills_process_group(base):
+    marker = "100.123"  # a distinctive duration, to find exactly our sleeps
+    r = ShellRunner(f"sleep {marker} & sleep {marker}", timeout=0.5, tmpdir=str(base))
+    t0 = time.monotonic()
+    with pytest.raises(SampleFailed) as info:
+        r.run(sample())
+    assert time.monotonic() - t0 < 5
+    assert info.value.status == "timeout"
+    time.sleep(0.1)
+    assert _sleeps_of(marker) == []
+    assert leftovers(base) == []
+
+
+def test_background_processes_killed_after_exit(base):
+    marker = "100.456"
+    r = ShellRunner(f"sleep {marker} &", tmpdir=str(base))
+    r.run(sample())
+    time.sleep(0.1)
+    assert _sleeps_of(marker) == []
+
+
+@pytest.mark.parametrize("key", ["../x", "a/../../x", "/etc/x", "a\nb", "a\x00b", ""])
+def test_hostile_keys_refused(base, key):
+    r = ShellRunner("touch ran", tmpdir=str(base))
+    with pytest.raises(UnsafeNameError):
+        r.run({"__key__": key, "txt": b"x"})
+    assert leftovers(base) == []
+
+
+@pytest.mark.parametrize("ext", ["a/b", "../x", "x\ny", ".."])
+def test_hostile_extensions_refused(base, ext):
+    r = ShellRunner("true", tmpdir=str(base))
+    with pytest.raises(UnsafeNameError):
+        r.run({"__key__": "k", ext: b"x"})
+
+
+def test_key_never_reaches_command_line(base, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    key = "$(touch pwned)`touch pwned2`;touch pwned3"
+    r = ShellRunner('cat __key__ > sample.k; echo "$TARPROC_KEY" > sample.e; ls', tmpdir=str(base))
+    res = r.run({"__key__": key, "txt": b"x"})
+    [out] = res.outputs
+    assert out["__key__"] == key and out["k"] == key.encode() and out["e"] == key.encode() + b"\n"
+    for name in ("pwned", "pwned2", "pwned3"):
+        assert not list(tmp_path.rglob(name))
+    assert b"pwned" not in res.stdout
+    assert not os.path.exists("/pwned") and not os.path.exists(os.path.expanduser("~/pwned"))
+
+
+def test_unsafe_key_written_by_command(base):
+    r = ShellRunner("echo ../../etc/passwd > __key__", tmpdir=str(base))
+    with pytest.raises(UnsafeNameError):
+        r.run(sample())
+    assert leftovers(base) == []
+
+
+def test_temp_dirs_cleaned_on_success_and_failure(base):
+    r = ShellRunner('mkdir -p deep/er; echo x > deep/er/f; [ "$TARPROC_INDEX" != 3 ]',
+                    tmpdir=str(base))
+    for i in range(6):
+        try:
+            r.run(sample(), i)
+        except SampleFailed:
+            assert i == 3
+    assert leftovers(base) == []
+    roots = os.listdir(base)
+    assert len(roots) == 1 and oct(os.stat(base / roots[0]).st_mode)[-3:] == "700"
+    r.close()
+    assert os.listdir(base) == []
+
+
+def test_keep_dirs(base):
+    r = ShellRunner("true", keep_dirs=True, tmpdir=str(base))
+    r.run(sample())
+    kept = [p for p in leftovers(base) if p.endswith("sample.jpg")]
+    assert len(kept) == 1
+
+
+def test_script_by_shebang_and_interpreter(base, tmp_path):
+    script = tmp_path / "s.sh"
+    script.write_text("#!/bin/sh\necho from-script; tr a-z A-Z < sample.txt > sample.up\n")
+    r = ShellRunner(script=str(script), tmpdir=str(base))
+    script.unlink()  # the runner carries the bytes, not the path
+    res = pickle.loads(pickle.dumps(r)).run({"__key__": "k", "txt": b"abc"})
+    assert res.stdout == b"from-script\n" and res.outputs[0]["up"] == b"ABC"
+    py = tmp_path / "s.py"
+    py.write_text("import os\nopen('sample.n', 'w').write(os.environ['TARPROC_KEY'])\n")
+    r = ShellRunner(script=str(py), interpreter="python3", tmpdir=str(base))
+    assert r.run({"__key__": "kk", "txt": b"x"}).outputs[0]["n"] == b"kk"
+
+
+def test_pickled_runner_works_and_has_no_process_state(base):
+    r = ShellRunner("true", tmpdir=str(base))
+    r.run(sample())
+    clone = pickle.loads(pickle.dumps(r))
+    assert clone._local is None
+    assert clone.run(sample()).outputs
+
+
+def test_default_tmpdir_prefers_shm(monkeypatch):
+    from tarproc.runner import default_tmpdir
+    monkeypatch.delenv("TMPDIR", raising=False)
+    d = default_tmpdir()
+    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
+        assert d == "/dev/shm"
+    assert default_tmpdir(min_free=1 << 62) != "/dev/shm"
+    monkeypatch.setenv("TMPDIR", "/somewhere")
+    assert default_tmpdir() == "/somewhere"
+
+
+# ------------------------------------------------------------------------------ Python
+
+
+SCRIPT = '''
+def process_sample(sample):
+    kind = sample["txt"].decode()
+    print("saw", sample["__key__"])
+    if kind == "dict":
+        return {"__key__": sample["__key__"], "up": sample["txt"].upper()}
+    if kind == "nokey":
+        return {"txt": "text is encoded"}
+    if kind == "list":
+        return [{"__key__": sample["__key__"] + "/" + str(i), "n": str(i)} for i in range(3)]
+    if kind == "none":
+        return None
+    if kind == "int":
+        return {"__key__": "k", "cls": 3}
+    if kind == "raise":
+        raise ValueError("boom")
+    if kind == "badkey":
+        return {"__key__": "../x", "a": b""}
+    if kind == "listnokey":
+        return [{"a": b"1"}, {"a": b"2"}]
+    if kind == "mutate":
+        sample["txt"] = b"changed"
+        return sample
+    return 42
+'''
+
+
+def run_py(kind):
+    r = PythonRunner(SCRIPT, "demo.py")
+    return r.run({"__key__": "k1", "__url__": "u", "txt": kind.encode()}, 0)
+
+
+def test_python_results():
+    res = run_py("dict")
+    assert res.outputs == [{"__key__": "k1", "up": b"DICT", "__url__": "u"}]
+    assert res.stdout == b"saw k1\n"
+    assert run_py("nokey").outputs == [{"__key__": "k1", "txt": b"text is encoded", "__url__": "u"}]
+    assert [o["__key__"] for o in run_py("list").outputs] == ["k1/0", "k1/1", "k1/2"]
+    assert run_py("list").outputs[2]["n"] == b"2"
+    assert run_py("none").outputs == []
+
+
+@pytest.mark.parametrize("kind,words", [
+    ("int", ["'cls'", "int"]),
+    ("raise", ["ValueError", "boom"]),
+    ("listnokey", ["__key__"]),
+    ("other", ["int", "expected dict"]),
+])
+def test_python_failures(kind, words):
+    with pytest.raises(SampleFailed) as info:
+        run_py(kind)
+    assert info.value.key in ("k1", "k")
+    for w in words:
+        assert w in str(info.value)
+    if kind == "raise":
+        assert info.value.status == "exception"
+        assert "demo.py" in info.value.stderr_tail and "boom" in info.value.stderr_tail
+
+
+def test_python_unsafe_key():
+    with pytest.raises(UnsafeNameError):
+        run_py("badkey")
+
+
+def test_python_input_not_mutated():
+    s = {"__key__": "k1", "txt": b"mutate"}
+    out = PythonRunner(SCRIPT).run(s).outputs
+    assert s["txt"] == b"mutate" and out[0]["txt"] == b"changed"
+
+
+def test_load_process_sample_errors():
+    with pytest.raises(ScriptError, match="bad.py.*syntax error at line 1"):
+        load_process_sample("def (:", "bad.py")
+    with pytest.raises(ScriptError, match="none.py.*does not define process_sample"):
+        load_process_sample("x = 1", "none.py")
+    with pytest.raises(ScriptError, match="imp.py.*ZeroDivisionError"):
+        load_process_sample("1/0", "imp.py")
+    assert load_process_sample("def process_sample(s): return s")({"a": 1}) == {"a": 1}
+
+
+def test_python_runner_pickles_source_not_function():
+    r = PythonRunner(SCRIPT, "demo.py")
+    r.load()
+    data = pickle.dumps(r)
+    assert b"process_sample" in data
+    assert pickle.loads(data).run({"__key__": "k", "txt": b"dict"}).outputs[0]["up"] == b"DICT"
+
+
+def test_normalize_result_carries_url_and_meta():
+    out = normalize_result({"__key__": "a", "__extra__": 1, "x": bytearray(b"1")},
+                           {"__key__": "k", "__url__": "u"})
+    assert out == [{"__key__": "a", "__extra__": 1, "x": b"1", "__url__": "u"}]
+    with pytest.raises(SampleFailed):
+        normalize_result("nope", {"__key__": "k"})

@@ -1,0 +1,253 @@
+"""The -p N pool: order, error policies, bounded memory, clean shutdown (real processes)."""
+
+import collections
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+
+from tarproc.errors import SampleFailed
+from tarproc.runner import PoolStats, PythonRunner, SamplePool, ShellRunner, process_samples
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def samples(n, prefix="s"):
+    return [{"__key__": f"{prefix}{i:05d}", "__url__": "in.tar", "txt": str(i).encode()}
+            for i in range(n)]
+
+
+def workers_alive():
+    return [p for p in psutil.Process().children(recursive=True) if p.is_running()
+            and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def left_in(base):
+    return [os.path.join(r, f) for r, ds, fs in os.walk(base) for f in fs + ds]
+
+
+@pytest.fixture
+def base(tmp_path):
+    d = tmp_path / "base"
+    d.mkdir()
+    return d
+
+
+# Index-dependent delays make completion order differ from input order at -p 2.
+JITTER = 'sleep 0.0$(( (TARPROC_INDEX * 7) % 5 )); cat sample.txt; echo'
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_ordered_output(base, processes):
+    runner = ShellRunner(JITTER + "; rev sample.txt > sample.rev", tmpdir=str(base))
+    stats = PoolStats()
+    outs = list(process_samples(runner, samples(20), processes=processes, stats=stats))
+    assert [o.index for o in outs] == list(range(20))
+    assert [o.stdout for o in outs] == [f"{i}\n".encode() for i in range(20)]
+    assert [o.outputs[0]["__key__"] for o in outs] == [f"s{i:05d}" for i in range(20)]
+    assert outs[12].outputs[0]["rev"] == b"21"
+    assert (stats.inputs, stats.outputs, stats.failed) == (20, 20, 0)
+    assert left_in(base) == []
+
+
+def test_unordered_same_multiset(base):
+    runner = ShellRunner(JITTER, tmpdir=str(base))
+    ordered = list(process_samples(runner, samples(24), processes=2))
+    unordered = list(process_samples(runner, samples(24), processes=2, ordered=False))
+    key = lambda o: (o.index, o.stdout, o.outputs[0]["__key__"], o.outputs[0]["txt"])  # noqa
+    assert sorted(map(key, unordered)) == sorted(map(key, ordered))
+    assert len(unordered) == 24
+    assert left_in(base) == []
+
+
+FAIL_SOME = '[ $((TARPROC_INDEX % 4)) != 1 ] || { echo "bad $TARPROC_KEY" >&2; exit 5; }'
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_errors_skip(base, processes):
+    runner = ShellRunner(FAIL_SOME, tmpdir=str(base))
+    with SamplePool(runner, processes, errors="skip") as pool:
+        outs = list(pool.map(samples(20)))
+    assert len(outs) == 20
+    failed = [o for o in outs if o.error]
+    assert [o.index for o in failed] == [1, 5, 9, 13, 17]
+    assert all(o.outputs == [] for o in failed)
+    assert failed[0].error.status == 5 and failed[0].error.key == "s00001"
+    assert failed[0].stderr == b"bad s00001\n"
+    st = pool.stats
+    assert (st.inputs, st.outputs, st.skipped, st.kept, st.failed) == (20, 15, 5, 0, 5)
+    assert left_in(base) == []
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_errors_keep(base, processes):
+    runner = ShellRunner(FAIL_SOME + "; echo changed > sample.txt", tmpdir=str(base))
+    inputs = samples(12)
+    with SamplePool(runner, processes, errors="keep") as pool:
+        outs = list(pool.map(inputs))
+    assert [o.outputs[0]["txt"] for o in outs if o.error] == [b"1", b"5", b"9"]
+    assert [o.outputs[0] for o in outs if o.error] == [inputs[1], inputs[5], inputs[9]]
+    assert all(o.outputs[0]["txt"] == b"changed\n" for o in outs if not o.error)
+    st = pool.stats
+    assert (st.outputs, st.skipped, st.kept, st.failed) == (12, 0, 3, 3)
+
+
+@pytest.mark.parametrize("processes,ordered", [(1, True), (2, True), (2, False)])
+def test_abort_raises_and_stops_workers(base, processes, ordered):
+    runner = ShellRunner('[ "$TARPROC_INDEX" != 6 ] || { echo oops >&2; exit 9; }; sleep 0.02',
+                         tmpdir=str(base))
+    got = []
+    with pytest.raises(SampleFailed) as info:
+        for o in process_samples(runner, samples(200), processes=processes, ordered=ordered):
+            got.append(o.index)
+    exc = info.value
+    assert (exc.key, exc.status, exc.index, exc.stderr_tail) == ("s00006", 9, 6, "oops")
+    if ordered:
+        assert got == list(range(6))
+    assert len(got) < 60
+    time.sleep(0.1)
+    assert workers_alive() == []
+    assert left_in(base) == []
+
+
+def test_bounded_in_flight(base):
+    """However long the stream, the pool reads at most max_in_flight samples ahead."""
+    taken = 0
+
+    def gen():
+        nonlocal taken
+        for i in range(3000):
+            taken += 1
+            yield {"__key__": f"k{i}", "txt": b"x"}
+
+    runner = PythonRunner("def process_sample(s):\n    return s\n")
+    ahead = []
+    with SamplePool(runner, 2, max_in_flight=50) as pool:
+        for n, o in enumerate(pool.map(gen()), 1):
+            ahead.append(taken - n)
+            if n % 500 == 0:
+                time.sleep(0.05)  # a slow consumer must not make the pool read more
+    assert len(ahead) == 3000
+    assert max(ahead) <= 50
+    # default bound: a documented multiple of N
+    with SamplePool(runner, 2) as pool:
+        taken = 0
+        ahead = [taken - n for n, o in enumerate(pool.map(gen()), 1)]
+    assert max(ahead) <= pool.max_in_flight == 2 * 256
+
+
+def test_bounded_bytes_in_flight():
+    runner = PythonRunner("def process_sample(s):\n    return s\n")
+    big = ({"__key__": f"k{i}", "bin": bytes(100_000)} for i in range(200))
+    taken = []
+
+    def tap(it):
+        for n, s in enumerate(it, 1):
+            taken.append(n)
+            yield s
+
+    with SamplePool(runner, 2, max_bytes_in_flight=1_000_000) as pool:
+        ahead = [len(taken) - n for n, o in enumerate(pool.map(tap(big)), 1)]
+    assert max(ahead) <= 11  # 10 samples fit in the budget, +1 looked ahead
+
+
+SCRIPT = textwrap.dedent('''
+    def process_sample(sample):
+        n = int(sample["txt"])
+        if n % 3 == 0:
+            return None
+        if n % 3 == 1:
+            return {"__key__": sample["__key__"], "sq": str(n * n)}
+        return [dict(sample, __key__=sample["__key__"] + "/a"),
+                dict(sample, __key__=sample["__key__"] + "/b")]
+''')
+
+
+def test_python_runner_pool_same_result_any_processes():
+    results = {}
+    for p in (1, 2, 3):
+        stats = PoolStats()
+        outs = list(process_samples(PythonRunner(SCRIPT, "s.py"), samples(500),
+                                    processes=p, stats=stats))
+        results[p] = [(o.index, o.outputs) for o in outs]
+        assert (stats.inputs, stats.outputs, stats.dropped) == (500, 499, 167)
+    assert results[1] == results[2] == results[3]
+
+
+def test_decode_encode_run_in_workers():
+    runner = PythonRunner("import os\ndef process_sample(s):\n"
+                          "    return dict(s, pid=str(os.getpid()))\n")
+    items = [f"k{i}:{i}".encode() for i in range(300)]
+    with SamplePool(runner, 2, decode=_decode, encode=_encode) as pool:
+        outs = list(pool.map(items))
+    assert [o.data.split(b"|")[0] for o in outs] == [f"k{i}".encode() for i in range(300)]
+    pids = {o.data.split(b"|")[2] for o in outs}
+    assert str(os.getpid()).encode() not in pids and len(pids) == 2
+    assert all(o.count == 1 and o.outputs == [] for o in outs)
+
+
+def _decode(item):
+    key, value = item.split(b":")
+    return {"__key__": key.decode(), "v": value}
+
+
+def _encode(outputs):
+    return b";".join(b"|".join([o["__key__"].encode(), o["v"], o["pid"]]) for o in outputs)
+
+
+def test_bug_in_worker_aborts_whatever_the_policy():
+    runner = PythonRunner("def process_sample(s):\n    return s\n")
+    with pytest.raises(ValueError, match="not enough values"):
+        list(process_samples(runner, [b"nocolon"] * 5, processes=2, errors="skip",
+                             decode=_decode))
+    assert workers_alive() == []
+
+
+def test_abandoned_iteration_stops_workers(base):
+    runner = ShellRunner("sleep 0.05", tmpdir=str(base))
+    gen = process_samples(runner, samples(100), processes=2)
+    next(gen)
+    gen.close()
+    assert workers_alive() == []
+    assert left_in(base) == []
+
+
+CHILD = textwrap.dedent('''
+    import sys
+    sys.path.insert(0, {repo!r})
+    from tarproc.runner import ShellRunner, process_samples
+    runner = ShellRunner("echo started >> {log}; sleep {marker}", tmpdir={base!r})
+    samples = ({{"__key__": f"k{{i}}", "txt": b"x"}} for i in range(100))
+    for o in process_samples(runner, samples, processes={p}):
+        pass
+''')
+
+
+def _our_sleeps(marker):
+    return [p for p in psutil.process_iter(["cmdline"])
+            if p.info["cmdline"] and p.info["cmdline"][:2] == ["sleep", marker]]
+
+
+@pytest.mark.parametrize("sig,p", [(signal.SIGTERM, 2), (signal.SIGINT, 2), (signal.SIGTERM, 1)])
+def test_signal_cleans_up(base, tmp_path, sig, p):
+    marker = f"77.{os.getpid()}{p}{int(sig)}"
+    log = tmp_path / "log"
+    code = CHILD.format(repo=REPO, base=str(base), marker=marker, p=p, log=str(log))
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    deadline = time.monotonic() + 20
+    while (not log.exists() or len(log.read_text().split()) < p) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(_our_sleeps(marker)) == p
+    proc.send_signal(sig)
+    rc = proc.wait(20)
+    assert rc in ((143, 1) if sig == signal.SIGTERM else (-signal.SIGINT, 130, 1))
+    if sig == signal.SIGTERM:
+        assert rc == 143
+    time.sleep(0.1)
+    assert _our_sleeps(marker) == []
+    assert left_in(base) == []
