@@ -19,6 +19,15 @@ _EXPORTS = {
     "expand": "shards", "expand_inputs": "shards",
     "iter_samples": "streams", "SampleWriter": "streams", "ShardWriter": "streams",
     "write_samples": "streams",
+    "open_read": "storage", "open_write": "storage",
+    "process_stream": "processing",
+    "map_shards": "jobs.shardmap", "extract": "jobs.shardmap", "count_values": "jobs.shardmap",
+    "list_shards": "jobs.shardmap", "JobFailed": "jobs.shardmap",
+    "shuffle": "jobs.twophase", "sort": "jobs.twophase",
+    "upload": "jobs.upload_job",
+    "run_items": "jobs.driver", "JobResult": "jobs.driver",
+    "Cluster": "jobs.cluster",
+    "MapReduce": "mapreduce",
 }
 
 

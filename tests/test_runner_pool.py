@@ -22,9 +22,20 @@ def samples(n, prefix="s"):
             for i in range(n)]
 
 
+_BEFORE = set()
+
+
+@pytest.fixture(autouse=True)
+def _children_before():
+    """Processes the test session already runs (servers, Dask) are not the pool's workers."""
+    _BEFORE.clear()
+    _BEFORE.update(p.pid for p in psutil.Process().children(recursive=True))
+    yield
+
+
 def workers_alive():
     return [p for p in psutil.Process().children(recursive=True) if p.is_running()
-            and p.status() != psutil.STATUS_ZOMBIE]
+            and p.status() != psutil.STATUS_ZOMBIE and p.pid not in _BEFORE]
 
 
 def left_in(base):

@@ -1,0 +1,252 @@
+"""Deterministic tar writer for WebDataset samples.
+
+Plain ustar headers wherever they suffice (ASCII names up to 100 bytes, or up to 256 with the
+ustar prefix field, members under 8 GiB), and a pax header only for the members that need one:
+webdataset and the original tarproc put a pax header on every member, which doubles the size of
+shards of small samples. Owner, group, mode and mtime are fixed, members of a sample are written
+in sorted extension order, and compressed output carries no timestamp, so the same samples always
+give byte-identical archives.
+"""
+
+from tarproc.errors import UnsafeNameError
+
+from .compress import make_compressor
+from .names import unsafe_reason
+
+__all__ = ["TarWriter"]
+
+_FLUSH = 1 << 20  # buffered output before a write to the file object
+_BIG = 1 << 16  # values at least this large are passed through without joining
+_ZEROS = bytes(512)
+_MAX_OCTAL_SIZE = 8**11  # an 11-digit octal size field holds sizes below 8 GiB
+
+_MODE_UID_GID = b"0000644\x00" + b"0000000\x00" + b"0000000\x00"
+# linkname, magic "ustar\0", version "00", uname, gname, devmajor, devminor
+_AFTER_TYPE = bytes(100) + b"ustar\x0000" + bytes(64) + b"0000000\x00" + b"0000000\x00"
+_PAD12 = bytes(12)
+_TAIL_REGULAR = b"0" + _AFTER_TYPE + bytes(155) + _PAD12  # typeflag to end, empty prefix
+
+
+class TarWriter:
+    """Write samples (dicts) as tar members ``KEY.EXT`` to a binary file object.
+
+    ``compression`` is None, "gz", "bz2", "xz" or "zst" (see ``compression_for_name``); ``level``
+    overrides the compression level. ``mtime`` is the modification time stamped on every member.
+    ``close()`` (or leaving a ``with`` block) ends the archive and flushes the compressor but
+    leaves ``fileobj`` open: whoever opened it commits or closes it.
+    """
+
+    def __init__(self, fileobj, compression=None, *, mtime=0, level=None):
+        mtime = int(mtime)
+        if not 0 <= mtime < 8**11:
+            raise ValueError(f"mtime {mtime} does not fit a tar header")
+        self._fileobj = fileobj
+        self._compressor = None if compression is None else make_compressor(compression, level)
+        self._parts = []
+        self._pending = 0
+        self._closed = False
+        self._mtime_field = b"%011o\x00" % mtime
+        self._mid = _MODE_UID_GID
+        # Header checksum of everything but name, prefix and size, with the checksum field
+        # counted as spaces.
+        self._const_sum = {
+            t: sum(_MODE_UID_GID) + sum(self._mtime_field) + 8 * 32 + t[0] + sum(_AFTER_TYPE)
+            for t in (b"0", b"x")
+        }
+        self.samples = 0  #: samples written so far
+        self.members = 0  #: members written so far (pax headers not counted)
+        self.bytes = 0  #: uncompressed bytes of tar stream produced so far
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def write(self, sample):
+        """Write one sample: a member ``KEY.EXT`` for each field not starting with ``__``.
+
+        Values must be bytes-like or str (written as UTF-8). Raises ValueError for a missing or
+        unusable key or extension (one that would not read back as the same sample),
+        UnsafeNameError for names that could escape a directory, TypeError for other values.
+        """
+        if self._closed:
+            raise ValueError("write to a closed TarWriter")
+        key = sample.get("__key__")
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"sample has no usable __key__: {key!r}")
+        slash = key.rfind("/")
+        if slash == len(key) - 1 or "." in key[slash + 1 :]:
+            raise ValueError(
+                f"key {key!r}: the part after the last '/' must be non-empty and have no '.', "
+                "or the members would not read back as this sample"
+            )
+        reason = unsafe_reason(key)
+        if reason is not None:
+            raise UnsafeNameError(f"key {key!r}: unsafe member name ({reason})")
+        # With a key like that, "KEY.EXT" splits back into KEY and EXT for any EXT without '/',
+        # and is safe if KEY is and EXT has no control characters.
+        fields = [(k, v) for k, v in sample.items() if k[:2] != "__"]
+        fields.sort()
+        try:
+            key_raw = key.encode("utf-8") + b"."
+        except UnicodeEncodeError:
+            raise ValueError(f"key {key!r} is not valid Unicode text") from None
+        parts = self._parts
+        const = self._const_sum[b"0"] + sum(key_raw)
+        mid = self._mid
+        added = 0
+        for ext, value in fields:
+            if "/" in ext:
+                raise ValueError(f"key {key!r}: extension {ext!r} contains '/'")
+            if not ext.isprintable() and unsafe_reason(ext) is not None:
+                raise UnsafeNameError(f"key {key!r}: unsafe extension {ext!r} ({unsafe_reason(ext)})")
+            tv = type(value)
+            if tv is not bytes:
+                if tv is str:
+                    value = value.encode("utf-8")
+                elif tv is bytearray:
+                    value = bytes(value)
+                elif tv is memoryview:
+                    value = value.tobytes()
+                else:
+                    raise TypeError(
+                        f"key {key!r}: value of {ext!r} is {tv.__name__}, not bytes or str"
+                    )
+            size = len(value)
+            ext_raw = ext.encode("utf-8", "surrogatepass")
+            if size >= _BIG or len(key_raw) + len(ext_raw) > 100 or not ext_raw.isascii() or not key_raw.isascii():
+                self._add(f"{key}.{ext}", value)
+                continue
+            # The common case, inline: a plain ustar header and a small value.
+            size_field = b"%011o\x00" % size
+            name = key_raw + ext_raw
+            parts.append(name.ljust(100, b"\x00"))
+            parts.append(mid)
+            parts.append(size_field)
+            parts.append(self._mtime_field)
+            parts.append(b"%06o\x00 " % (const + sum(ext_raw) + sum(size_field)))
+            parts.append(_TAIL_REGULAR)
+            parts.append(value)
+            pad = -size & 511
+            if pad:
+                parts.append(_ZEROS[:pad])
+            added += 512 + size + pad
+            self.members += 1
+        self.samples += 1
+        if added:
+            self.bytes += added
+            self._pending += added
+            if self._pending >= _FLUSH:
+                self._flush()
+
+    def _add(self, name, data):
+        try:
+            raw = name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"member name {name!r} is not valid Unicode text") from None
+        size = len(data)
+        parts = self._parts
+        if size < _MAX_OCTAL_SIZE and raw.isascii() and len(raw) <= 100:
+            parts.append(self._header(raw, b"", size, b"0"))
+        else:
+            split = self._ustar_split(raw) if (size < _MAX_OCTAL_SIZE and raw.isascii()) else None
+            if split is not None:
+                parts.append(self._header(split[1], split[0], size, b"0"))
+            else:
+                records = _pax_record("path", raw)
+                if size >= _MAX_OCTAL_SIZE:
+                    records += _pax_record("size", str(size).encode())
+                self._write_pax(records)
+                short = raw.decode("utf-8").encode("ascii", "replace")[-100:]
+                parts.append(self._header(short, b"", size if size < _MAX_OCTAL_SIZE else 0, b"0"))
+        pad = -size & 511
+        if size >= _BIG:
+            self._flush()
+            self._emit(data)
+            if pad:
+                self._parts.append(_ZEROS[:pad])
+            self._pending += pad
+        else:
+            parts.append(data)
+            if pad:
+                parts.append(_ZEROS[:pad])
+            self._pending += 512 + size + pad
+        self.bytes += 512 + size + pad
+        self.members += 1
+        if self._pending >= _FLUSH:
+            self._flush()
+
+    @staticmethod
+    def _ustar_split(raw):
+        """(prefix, name) fitting the ustar fields (155 + 100 bytes), or None."""
+        if len(raw) > 256:
+            return None
+        i = raw.rfind(b"/", 0, 156)
+        if i <= 0 or not 0 < len(raw) - i - 1 <= 100:
+            return None
+        return raw[:i], raw[i + 1 :]
+
+    def _header(self, name, prefix, size, typeflag):
+        size_field = b"%011o\x00" % size
+        chksum = self._const_sum[typeflag] + sum(name) + sum(prefix) + sum(size_field)
+        return b"".join(
+            (
+                name.ljust(100, b"\x00"),
+                _MODE_UID_GID,
+                size_field,
+                self._mtime_field,
+                b"%06o\x00 " % chksum,
+                typeflag,
+                _AFTER_TYPE,
+                prefix.ljust(155, b"\x00"),
+                _PAD12,
+            )
+        )
+
+    def _write_pax(self, records):
+        header = self._header(b"././@PaxHeader", b"", len(records), b"x")
+        pad = -len(records) & 511
+        self._parts += (header, records, _ZEROS[:pad])
+        self._pending += 512 + len(records) + pad
+        self.bytes += 512 + len(records) + pad
+
+    def _emit(self, data):
+        if self._compressor is not None:
+            data = self._compressor.compress(data)
+            if not data:
+                return
+        self._fileobj.write(data)
+
+    def _flush(self):
+        if self._parts:
+            data = b"".join(self._parts)
+            self._parts = []
+            self._pending = 0
+            self._emit(data)
+
+    def close(self):
+        """End the archive (two zero blocks), finish compression, flush; the file stays open."""
+        if self._closed:
+            return
+        self._closed = True
+        self._parts.append(bytes(1024))
+        self.bytes += 1024
+        self._flush()
+        if self._compressor is not None:
+            tail = self._compressor.flush()
+            if tail:
+                self._fileobj.write(tail)
+        flush = getattr(self._fileobj, "flush", None)
+        if flush is not None:
+            flush()
+
+
+def _pax_record(key, value):
+    """One pax record ``"LEN key=value\\n"``, LEN counting its own digits."""
+    payload = b" " + key.encode() + b"=" + value + b"\n"
+    n = len(payload)
+    length = n + len(str(n))
+    if len(str(length)) != len(str(n)):
+        length = n + len(str(length))
+    return b"%d" % length + payload
