@@ -637,3 +637,23 @@ def test_write_to_pipe_then_gnu_tar():
         out, err = p.stdout.read(), p.stderr.read()
     assert p.returncode == 0 and err == b""
     assert out.decode().split() == [f"{s['__key__']}.{e}" for s in SAMPLES[:4] for e in ("bin", "cls", "txt")]
+
+
+def test_small_fields_after_a_large_one_are_written():
+    """A field of 64 KiB or more is passed through unjoined; the fields after it must not be lost."""
+    import io as _io
+
+    from tarproc.tario import TarWriter, iter_samples as _iter
+
+    big = bytes(range(256)) * 500  # 128,000 bytes
+    sample = {"__key__": "k", "a.small": b"1", "jpg": big, "zzz.txt": b"after", "zzz2": b"x" * 70000,
+              "zzz3": b"last"}
+    buf = _io.BytesIO()
+    with TarWriter(buf) as writer:
+        writer.write(sample)
+        writer.write(dict(sample, __key__="k2"))
+    got = list(_iter(_io.BytesIO(buf.getvalue())))
+    assert [s["__key__"] for s in got] == ["k", "k2"]
+    for s in got:
+        assert {k: v for k, v in s.items() if not k.startswith("__")} == {
+            k: v for k, v in sample.items() if not k.startswith("__")}

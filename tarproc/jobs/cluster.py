@@ -160,8 +160,13 @@ def connect(cluster=None, workers=None, threads_per_worker=1, quiet=False):
             except ClusterError:
                 raise
             except Exception as exc:  # noqa: BLE001
+                hint = ""
+                main = sys.modules.get("__main__")
+                if getattr(main, "__file__", None) and "tarproc" not in os.path.basename(main.__file__):
+                    hint = (f" (worker processes re-import {os.path.basename(main.__file__)}: in a script, "
+                            "start jobs under `if __name__ == \"__main__\":`)")
                 raise ClusterError(f"cannot start a local Dask cluster: "
-                                   f"{type(exc).__name__}: {exc}") from exc
+                                   f"{type(exc).__name__}: {exc}{hint}") from exc
             try:
                 client = Client(local, set_as_default=False)
             except BaseException:

@@ -117,6 +117,7 @@ class TarWriter:
             ext_raw = ext.encode("utf-8", "surrogatepass")
             if size >= _BIG or len(key_raw) + len(ext_raw) > 100 or not ext_raw.isascii() or not key_raw.isascii():
                 self._add(f"{key}.{ext}", value)
+                parts = self._parts  # _add may have flushed: it starts a new list
                 continue
             # The common case, inline: a plain ustar header and a small value.
             size_field = b"%011o\x00" % size
