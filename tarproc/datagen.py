@@ -126,8 +126,8 @@ def word_samples(count, start=0, seed=0, words_per_doc=20):
 
 
 KINDS = {"imagenet": ("imagenet_train-{:04d}.tgz", imagenet_samples),
-         "uw3": ("Volume_{:04d}.tgz", uw3_samples),
-         "words": ("words-{:02d}.tar", word_samples)}
+         "uw3": ("Volume_{:02d}.tgz", uw3_samples),
+         "words": ("words-{:d}.tar", word_samples)}
 
 
 def write_dataset(kind, directory, shards=4, samples=50, seed=0, name=None):

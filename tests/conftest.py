@@ -42,7 +42,7 @@ def imagenet_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def uw3_dir(tmp_path_factory):
-    """Volume_0000.tgz .. Volume_0015.tgz: 16 shards x 10 OCR-like samples."""
+    """Volume_00.tgz .. Volume_15.tgz (the seeds' Volume_@16.tgz): 16 shards x 10 OCR-like samples."""
     d = tmp_path_factory.mktemp("uw3")
     datagen.write_dataset("uw3", str(d), shards=16, samples=10, seed=2)
     return d
@@ -50,7 +50,7 @@ def uw3_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def words_dir(tmp_path_factory):
-    """words-00.tar .. words-07.tar: 8 shards x 50 text documents."""
+    """words-0.tar .. words-7.tar (words-@8.tar): 8 shards x 50 text documents."""
     d = tmp_path_factory.mktemp("words")
     datagen.write_dataset("words", str(d), shards=8, samples=50, seed=3)
     return d

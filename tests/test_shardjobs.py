@@ -23,13 +23,13 @@ def process_sample(record):
 
 @pytest.fixture
 def data(imagenet_dir, uw3_dir, workdir):
-    """workdir/data/: imagenet_train-0000..0007.tgz, Volume_0000..0015.tgz, uw3-lines.tgz."""
+    """workdir/data/: imagenet_train-0000..0007.tgz, Volume_00..15.tgz, uw3-lines.tgz."""
     d = workdir / "data"
     d.mkdir()
     for src in (imagenet_dir, uw3_dir):
         for path in sorted(src.iterdir()):
             shutil.copy(path, d / path.name)
-    shutil.copy(uw3_dir / "Volume_0000.tgz", d / "uw3-lines.tgz")
+    shutil.copy(uw3_dir / "Volume_00.tgz", d / "uw3-lines.tgz")
     (workdir / "script.py").write_text(SEED_SCRIPT)
     return workdir
 
@@ -40,14 +40,14 @@ def samples_of(path):
 
 def test_seed_htmapper_on_dask_scheduler_over_nginx(data, nginx_server, dask_scheduler_address):
     for i in range(16):
-        shutil.copy(data / f"data/Volume_{i:04d}.tgz", nginx_server.root / f"Volume_{i:02d}.tgz")
+        shutil.copy(data / f"data/Volume_{i:02d}.tgz", nginx_server.root / f"Volume_{i:02d}.tgz")
     url = nginx_server.url
     host_port = dask_scheduler_address.replace("tcp://", "").replace("127.0.0.1", "localhost")
     proc = sh(f"htmapper -c {host_port} -p script.py '{url}/Volume_@16.tgz' '{url}/processed-@16.tgz'",
               data, check=True, timeout=180)
     assert "16 shards: 16 done" in proc.stderr.decode()
     for i in range(16):
-        src = samples_of(data / f"data/Volume_{i:04d}.tgz")
+        src = samples_of(data / f"data/Volume_{i:02d}.tgz")
         out = samples_of(nginx_server.root / f"processed-{i:02d}.tgz")
         want = [s for s in src if "lines.png" in s]
         assert [s["__key__"] for s in out] == [s["__key__"] for s in want]
@@ -112,7 +112,7 @@ def test_htextract_counts_json_escaping_and_keys(data, dask_scheduler_address):
     rows = [line.split("\t") for line in proc.stdout.decode().splitlines()]
     assert {v: int(n) for n, v in rows} == dict(want)
     assert [int(n) for n, _ in rows] == sorted((int(n) for n, _ in rows), reverse=True)
-    proc = sh(f"htextract -c {addr} 'data/Volume_@0016.tgz' -K", data, check=True)
+    proc = sh(f"htextract -c {addr} 'data/Volume_@16.tgz' -K", data, check=True)
     counts = {v: int(n) for n, v in (line.split("\t") for line in proc.stdout.decode().splitlines())}
     assert counts == {"__key__": 160, "bin.png": 160, "text": 160, "lines.png": 128}
     proc = sh(f"htextract -c {addr} data/uw3-lines.tgz -f __key__ -f lines.png --json --count 5 -o x.jsonl",
@@ -135,7 +135,7 @@ def test_seed_htls(data):
     assert proc.returncode == 1
     assert out.startswith("8 shards, 1 missing,") and "skew (max/mean)" in out
     assert "missing: data/imagenet_train-0005.tgz" in out
-    proc = sh("htls -l --samples -j 2 'data/Volume_@0016.tgz'", data, check=True)
+    proc = sh("htls -l --samples -j 2 'data/Volume_@16.tgz'", data, check=True)
     lines = proc.stdout.decode().splitlines()
     assert len(lines) == 17 and all(line.split("\t")[1] == "10" for line in lines[:16])
     assert "160 samples" in lines[-1]
