@@ -143,6 +143,7 @@ class Plan:
     mapper: UserCode | None = None
     reducer: UserCode | None = None
     combine: bool = False
+    combiner: UserCode | None = None  # a combine of its own; else the reducer combines
     boundaries: list | None = None
     sources: list = field(default_factory=list)  # per partition: map indices with a run
     sample_size: int = MIN_SAMPLE_PER_SHARD
@@ -227,8 +228,8 @@ def map_task(plan, m):
     started = time.time()
     counter = _Counted(_input_samples(plan.inputs[m]))
     combine = None
-    if plan.combine and plan.reducer is not None:
-        reducer = plan.reducer.load()
+    if plan.combine and (plan.combiner or plan.reducer) is not None:
+        reducer = (plan.combiner or plan.reducer).load()
         combine = functools.partial(reshard.group_reduce, ordering=plan.ordering,
                                     reduce_fn=reducer, keep_group_key=True)
     counts = {}
@@ -372,7 +373,8 @@ def _fingerprint(mode, inputs, outputs, ordering, mapper, reducer, combine):
     text = json.dumps({"v": FORMAT_VERSION, "mode": mode, "inputs": inputs, "outputs": outputs,
                        "ordering": ordering.describe(),
                        "mapper": mapper.digest if mapper else None,
-                       "reducer": reducer.digest if reducer else None, "combine": bool(combine)},
+                       "reducer": reducer.digest if reducer else None,
+                       "combine": combine if isinstance(combine, str) else bool(combine)},
                       sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -456,16 +458,21 @@ def run_twophase(mode, inputs, outputs, *, ordering, mapper=None, reducer=None, 
         raise TarprocError(f"no such input shard: {', '.join(missing[:3])}{more}")
     mapper = UserCode.make(mapper, "process_sample") if not isinstance(mapper, UserCode) else mapper
     reducer = UserCode.make(reducer, "reduce_samples") if not isinstance(reducer, UserCode) else reducer
+    combiner = None
+    if combine is not None and not isinstance(combine, bool):
+        combiner = combine if isinstance(combine, UserCode) else UserCode.make(combine, "reduce_samples")
+        combine = True
     if combine and reducer is None:
         raise TarprocError("--combine needs --reduce")
-    fingerprint = _fingerprint(mode, in_urls, out_urls, ordering, mapper, reducer, combine)
+    fingerprint = _fingerprint(mode, in_urls, out_urls, ordering, mapper, reducer,
+                               combiner.digest if combiner else combine)
     workdir, local = _resolve_workdir(workdir, cluster, fingerprint)
     n_in, n_out = len(in_urls), len(out_urls)
     if sample_size is None:
         sample_size = max(MIN_SAMPLE_PER_SHARD, -(-SAMPLE_PER_OUTPUT * n_out // n_in))
     plan = Plan(mode=mode, inputs=in_urls, outputs=out_urls, workdir=workdir, ordering=ordering,
                 fingerprint=fingerprint, memory=reshard.parse_size(memory), mapper=mapper,
-                reducer=reducer, combine=combine, sample_size=sample_size)
+                reducer=reducer, combine=combine, combiner=combiner, sample_size=sample_size)
     result = ReshardResult(mode=mode, inputs=in_urls, outputs=out_urls, workdir=workdir)
 
     if not force and all(storage.exists(u) for u in out_urls):
