@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tarproc import datagen, streams, upload
+from tarproc import datagen, streams
+from tarproc import uploadplan as upload
 from tarproc.errors import TarprocError
 
 REPO = Path(__file__).resolve().parent.parent

@@ -74,7 +74,7 @@ def _body(argv):
         shards, seed = upload_job.plan_upload(
             sources, output, files=args.files, root=args.root, maxcount=args.maxcount,
             maxsize=args.maxsize, shuffle=args.shuffle, seed=args.seed)
-        from ..upload import sample_sizes
+        from ..uploadplan import sample_sizes
 
         for shard in shards:
             size = sum(sample_sizes(shard.samples)) if shard.samples else 0

@@ -1,7 +1,7 @@
 """The `htupload` job: build and upload the shards of a dataset in parallel on Dask.
 
 The plan (which files make which sample, which samples go to which shard) is made on the driver
-by :mod:`tarproc.upload`; each shard is then one task that reads its sources, writes the tar and
+by :mod:`tarproc.uploadplan`; each shard is then one task that reads its sources, writes the tar and
 commits it atomically, so a reader never sees a partial shard and retries or speculative copies
 are harmless. A rerun skips shards that already exist (after a crash, or after fixing unreadable
 files), and the manifest still lists every shard: entries of skipped shards come from the
@@ -30,7 +30,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from tarproc import storage, upload as plan
+from tarproc import storage, uploadplan as plan
 from tarproc.errors import TarprocError
 from tarproc.tarutils import parse_size, write_manifest
 
@@ -118,7 +118,7 @@ def plan_upload(sources, output, *, files=None, root=None, maxcount=None, maxsiz
     """(shards, seed): the shard plan of an upload, made on the driver without Dask.
 
     `sources` is a directory, plan file or URL, a list of them, or a list of
-    :class:`tarproc.upload.Sample`. With `shuffle` and no `seed`, a random seed is drawn and
+    :class:`tarproc.uploadplan.Sample`. With `shuffle` and no `seed`, a random seed is drawn and
     returned, so the order can be reproduced.
     """
     if isinstance(sources, str):
@@ -147,7 +147,7 @@ def upload(sources, output, *, files=None, root=None, maxcount=None, maxsize=Non
            on_result=None) -> UploadResult:
     """Upload files as a sharded tar dataset at `output` (`@N`, `%06d` or one name).
 
-    Sources and sharding are described in :mod:`tarproc.upload`; `cluster`/`workers` choose where
+    Sources and sharding are described in :mod:`tarproc.uploadplan`; `cluster`/`workers` choose where
     the shards are built (see :mod:`tarproc.jobs.cluster`); `force` rebuilds existing shards;
     `manifest` (a path or URL) receives a JSON list of the shards with count, bytes and sha256.
     Raises for a bad plan before anything is written; problems while building are in the result.
