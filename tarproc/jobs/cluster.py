@@ -78,7 +78,9 @@ def _restore_logs(previous):
 def _announce(client, how: str, quiet: bool, dashboard=True) -> None:
     if quiet:
         return
-    msg = f"tarproc: {how} ({total_threads(client)} worker threads)"
+    prog = os.path.basename(sys.argv[0] or "") if sys.argv else ""
+    prog = prog if prog.startswith(("ht", "tar")) else "tarproc"  # the command the user typed
+    msg = f"{prog}: {how} ({total_threads(client)} worker threads)"
     link = _dashboard_link(client) if dashboard else None
     if link:
         msg += f"; dashboard: {link}"
