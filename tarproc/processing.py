@@ -6,11 +6,14 @@ time, in order), route each command's stdout, and write the outputs to a storage
 only when every sample went through (with `errors="abort"`, a failure leaves nothing behind).
 """
 
+import copy
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
-from . import streams
+from . import streams, tario
+from .tario import reader as tario_reader, writer as tario_writer
 from .runner import PythonRunner, ShellRunner, PoolStats, process_samples
 
 
@@ -74,13 +77,19 @@ class _CallableRunner:
 
 def process_stream(inputs, output=None, runner=None, *, processes=1, ordered=True,
                    errors="abort", count=None, strict=False, max_member_size=None,
-                   stdout=None, stderr=None, progress=False, on_failure=None):
+                   stdout=None, stderr=None, progress=False, on_failure=None, raw=None):
     """Run `runner` over every sample of `inputs` and write the outputs to `output` (a URL or None).
 
     `stdout` receives the commands' standard output (default: sys.stdout, or sys.stderr when the
     tar stream itself goes to stdout). `on_failure(error)` is told about each skipped or kept
     failure. Returns a StreamResult; raises the first failure under `errors="abort"`, in which
     case nothing is written at `output`.
+
+    `raw` chooses how samples travel when a runner is given; None (the default) means True when
+    `processes > 1` and the runner runs in worker processes (not `pool_threads`). Raw, this process only splits the input into the tar members of each sample
+    and writes the members it gets back: the workers decode, run and encode (the parent alone
+    would otherwise be the bottleneck of cheap per-sample code). The output is the same either
+    way, byte for byte.
     """
     started = time.monotonic()
     if stdout is None:
@@ -88,10 +97,25 @@ def process_stream(inputs, output=None, runner=None, *, processes=1, ordered=Tru
     stdout = getattr(stdout, "buffer", stdout)
     stderr = getattr(stderr or sys.stderr, "buffer", stderr or sys.stderr)
     unsafe = "skip" if errors == "skip" else "error"
-    samples = streams.iter_samples(inputs, strict=strict, count=count,
-                                   max_member_size=max_member_size, unsafe=unsafe)
+    if raw is None:
+        # Workers in other processes: let them decode and encode. Runners the pool runs in
+        # threads of this process (pool_threads: shell commands) would gain nothing.
+        raw = processes > 1 and not getattr(runner, "pool_threads", False)
+    raw = bool(raw) and runner is not None
+    read_options = dict(strict=strict, count=count, max_member_size=max_member_size, unsafe=unsafe)
+    in_bytes = [0]  # raw: input data bytes, counted as samples are split
+    held = {}  # raw: index -> (item, start of its tar members), until its outcome is handled
+    if raw:
+        samples = _raw_items(inputs, in_bytes, read_options, held)
+        codec = dict(decode=_decode_item, encode=_encode_outputs)
+    else:
+        samples = streams.iter_samples(inputs, **read_options)
+        codec = {}
     result = StreamResult()
-    sink = streams.SampleWriter(output) if output else None
+    sink = streams.SampleWriter(output, sha256=False) if output else None
+    if sink is None and isinstance(runner, ShellRunner) and runner.collect and not raw:
+        runner = copy.copy(runner)  # outputs are not written: do not read them back (a copy
+        runner.collect = False      # drops per-process state, and leaves the caller's alone)
     bar = _progress_bar(progress)
     try:
         if runner is None:
@@ -106,7 +130,7 @@ def process_stream(inputs, output=None, runner=None, *, processes=1, ordered=Tru
         else:
             stats = PoolStats()
             for outcome in process_samples(runner, samples, processes=processes, ordered=ordered,
-                                           errors=errors, stats=stats):
+                                           errors=errors, stats=stats, **codec):
                 if outcome.stdout:
                     stdout.write(outcome.stdout)
                     stdout.flush()
@@ -115,13 +139,26 @@ def process_stream(inputs, output=None, runner=None, *, processes=1, ordered=Tru
                     stderr.flush()
                 if outcome.error is not None and on_failure is not None:
                     on_failure(outcome.error)
-                if sink:
-                    for sample in outcome.outputs:
-                        sink.write(sample)
+                if raw:
+                    item, start = held.pop(outcome.index)
+                    data = outcome.data
+                    if data == _SAME and sink:  # the output is the input, bytes and all
+                        sink.write_raw(memoryview(item)[start:], 1)
+                    elif data and sink:
+                        sink.write_raw(data, outcome.count)
+                    del item
+                elif sink:
+                    if outcome.data:
+                        sink.write_raw(outcome.data, outcome.count)
+                    else:
+                        for sample in outcome.outputs:
+                            sink.write(sample)
                 if bar is not None:
-                    bar.tick(stats.in_bytes)
+                    bar.tick(in_bytes[0] if raw else stats.in_bytes)
             for name in ("inputs", "outputs", "dropped", "skipped", "kept", "failed", "in_bytes"):
                 setattr(result, name, getattr(stats, name))
+            if raw:
+                result.in_bytes = in_bytes[0]
         if sink:
             sink.close()
             result.out_bytes = sink.nbytes
@@ -134,6 +171,52 @@ def process_stream(inputs, output=None, runner=None, *, processes=1, ordered=Tru
             bar.close()
     result.seconds = time.monotonic() - started
     return result
+
+
+# Raw mode: the pool's items are bytes `OFFSET ULEN\nURL` followed by the sample's tar members
+# (tario.iter_raw_samples); workers decode them, run the runner and encode the outputs as tar
+# members, or answer _SAME when the outputs are the input sample as it was (identity, filters,
+# errors="keep"): the parent then writes the input's own members, which are byte for byte what
+# encoding would give (tario checks that), and saves moving them back.
+_SAME = b"="  # never a tar encoding: those are whole 512-byte blocks
+_decoded = threading.local()  # .plain: (key, fields, raw) of the sample this thread just decoded
+
+
+def _raw_items(inputs, in_bytes, read_options, held):
+    last = None
+    tail = b""
+    index = 0
+    for url, offset, raw, nbytes in streams.iter_raw_samples(inputs, **read_options):
+        if url is not last:
+            last = url
+            ub = url.encode("utf-8", "surrogateescape")
+            tail = b" %d\n" % len(ub) + ub
+        in_bytes[0] += nbytes
+        head = b"%d" % offset + tail
+        item = head + raw
+        held[index] = (item, len(head))
+        index += 1
+        yield item
+
+
+def _decode_item(item):
+    """An item of `_raw_items` as a sample dict (runs in the workers)."""
+    nl = item.index(b"\n", 0, 64)
+    offset, ulen = item[:nl].split(b" ")
+    start = nl + 1
+    end = start + int(ulen)
+    url = item[start:end].decode("utf-8", "surrogateescape")
+    _decoded.plain = None
+    sample, _decoded.plain = tario_reader._decode_raw(item[end:], url, int(offset))
+    return sample
+
+
+def _encode_outputs(outputs):
+    """The outputs of one sample as tar members, or _SAME (runs in the workers)."""
+    known = getattr(_decoded, "plain", None)
+    if known is not None and len(outputs) == 1 and tario_writer._same_sample(outputs[0], known[0], known[1]):
+        return _SAME
+    return tario.encode_samples(outputs)
 
 
 def _size(sample):

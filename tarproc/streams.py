@@ -11,6 +11,25 @@ from . import shards, storage, tario
 from .errors import TarprocError
 
 
+def iter_raw_samples(source, *, strict=False, count=None, max_member_size=None, unsafe="error"):
+    """Like `iter_samples`, but yield each sample still encoded: `(url, offset, raw, nbytes)`.
+
+    `raw` is the sample's tar members (see `tario.iter_raw_samples`); `tario.decode_raw_sample(raw,
+    url, offset)` gives the dict `iter_samples` would have yielded; `nbytes` is its data size.
+    """
+    seen = 0
+    if count is not None and count <= 0:
+        return
+    for url in shards.expand_inputs(source):
+        with storage.open_read(url) as raw:
+            for offset, data, nbytes in tario.iter_raw_samples(
+                    raw, url=url, strict=strict, max_member_size=max_member_size, unsafe=unsafe):
+                yield url, offset, data, nbytes
+                seen += 1
+                if count is not None and seen >= count:
+                    return
+
+
 def iter_samples(source, *, strict=False, count=None, max_member_size=None, unsafe="error"):
     """Yield the samples of a URL, a shard pattern, or a list of them, read one after another.
 
@@ -22,8 +41,8 @@ def iter_samples(source, *, strict=False, count=None, max_member_size=None, unsa
         return
     for url in shards.expand_inputs(source):
         with storage.open_read(url) as raw:
-            stream = tario.open_decompressed(raw, url=url)
-            for sample in tario.iter_samples(stream, url=url, strict=strict,
+            # (the reader recognises the compression itself, from magic bytes)
+            for sample in tario.iter_samples(raw, url=url, strict=strict,
                                              max_member_size=max_member_size, unsafe=unsafe):
                 yield sample
                 seen += 1
@@ -34,14 +53,15 @@ def iter_samples(source, *, strict=False, count=None, max_member_size=None, unsa
 class _Tally:
     """A write-through file object that counts and hashes what passes to the real one."""
 
-    def __init__(self, target):
+    def __init__(self, target, hashing=True):
         self.target = target
         self.nbytes = 0
-        self.sha256 = hashlib.sha256()
+        self.sha256 = hashlib.sha256() if hashing else None
 
     def write(self, data):
         self.nbytes += len(data)
-        self.sha256.update(data)
+        if self.sha256 is not None:
+            self.sha256.update(data)
         return self.target.write(data)
 
     def flush(self):
@@ -53,7 +73,8 @@ class _Tally:
 class SampleWriter:
     """Write samples as one tar to a URL; the object appears there only when the writer commits.
 
-    Compression follows the name (`.tgz`, `.tar.zst`, ...) unless given. Use it as a context
+    Compression follows the name (`.tgz`, `.tar.zst`, ...) unless given. `sha256=False` skips
+    hashing the output when nobody asks for `sha256`. Use it as a context
     manager: a clean exit commits, an exception aborts and leaves nothing at the destination.
 
         with SampleWriter("out/shard-0000.tar.gz") as sink:
@@ -61,19 +82,24 @@ class SampleWriter:
                 sink.write(sample)
     """
 
-    def __init__(self, url, compression="auto", mtime=0):
+    def __init__(self, url, compression="auto", mtime=0, sha256=True):
         self.url = url
         if compression == "auto":
             compression = tario.compression_for_name(url)
         self._store = storage.open_write(url)
-        self._tally = _Tally(self._store)
-        self._tar = tario.TarWriter(self._tally, compression=compression)
+        self._tally = _Tally(self._store, hashing=sha256)
+        self._tar = tario.TarWriter(self._tally, compression=compression, mtime=mtime)
         self.count = 0
         self.closed = False
 
     def write(self, sample):
         self._tar.write(sample)
         self.count += 1
+
+    def write_raw(self, data, count=1):
+        """Append ``count`` samples already encoded as tar members (``tario.encode_samples``)."""
+        self._tar.write_raw(data, count)
+        self.count += count
 
     @property
     def nbytes(self):
@@ -82,7 +108,9 @@ class SampleWriter:
 
     @property
     def sha256(self):
-        return self._tally.sha256.hexdigest()
+        """Hex SHA-256 of what was written (None if made with `sha256=False`, which saves its cost)."""
+        h = self._tally.sha256
+        return None if h is None else h.hexdigest()
 
     def close(self):
         """Finish the archive and commit it under its final name."""

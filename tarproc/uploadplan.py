@@ -432,7 +432,7 @@ def describe_shard(url):
     import hashlib
 
     from . import storage
-    from .tario import iter_samples, open_decompressed
+    from .tario import iter_samples
 
     digest, nbytes = hashlib.sha256(), 0
 
@@ -458,7 +458,7 @@ def describe_shard(url):
     count = 0
     with storage.open_read(url) as raw:
         hashing = _Hashing(raw)
-        for _ in iter_samples(open_decompressed(hashing), url=url):
+        for _ in iter_samples(hashing, url=url):
             count += 1
         while hashing.read(1 << 20):
             pass

@@ -37,11 +37,14 @@ def _worker_address():
 
 
 def _children():
-    """Child processes, minus multiprocessing's long-lived resource tracker."""
+    """Child processes, minus multiprocessing's long-lived resource tracker and fork server."""
     pids = set()
     for p in psutil.Process().children(recursive=True):
         try:
-            if "resource_tracker" not in " ".join(p.cmdline()):
+            cmdline = " ".join(p.cmdline())
+            # multiprocessing's long-lived helpers: the resource tracker, and the fork server
+            # that local clusters fork their workers from (it lives as long as the driver)
+            if "resource_tracker" not in cmdline and "forkserver" not in cmdline:
                 pids.add(p.pid)
         except psutil.NoSuchProcess:
             pass

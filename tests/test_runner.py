@@ -365,3 +365,72 @@ def test_normalize_result_carries_url_and_meta():
     assert out == [{"__key__": "a", "__extra__": 1, "x": b"1", "__url__": "u"}]
     with pytest.raises(SampleFailed):
         normalize_result("nope", {"__key__": "k"})
+
+
+# ------------------------------------------------------------------ speed paths keep the contract
+
+
+@pytest.mark.parametrize("cmd", [
+    "printf Y | dd of=sample.cls conv=notrunc status=none",  # in place, same size, at once
+    "printf 'xy' > sample.cls",  # rewritten
+    "mv sample.json sample.cls",  # another file under this name
+    "true",  # untouched: the input bytes are reused
+])
+def test_unchanged_inputs_reused_changed_ones_read(base, cmd):
+    r = ShellRunner(cmd, tmpdir=str(base))
+    s = sample()
+    s["cls"] = b"X"
+    out = r.run(s).outputs[0]
+    expected = {"printf Y | dd of=sample.cls conv=notrunc status=none": b"Y",
+                "printf 'xy' > sample.cls": b"xy", "mv sample.json sample.cls": b'{"a": 1}',
+                "true": b"X"}[cmd]
+    assert out["cls"] == expected
+    assert out["jpg"] == s["jpg"]
+    if cmd == "true":
+        assert out["jpg"] is s["jpg"]
+    r.close()
+
+
+def test_collect_false_counts_without_reading(base):
+    r = ShellRunner("rm sample.json; echo hi > sample.txt; mkdir d; echo k2 > d/__key__; "
+                    "echo x > d/sample.y", tmpdir=str(base), subdirs=True, collect=False,
+                    add_log="log")
+    outs = r.run(sample()).outputs
+    assert outs == [{"__key__": "n01440764_10026", "__url__": "imagenet_train-0000.tgz",
+                     "cls": None, "jpg": None, "txt": None, "log": None},
+                    {"__key__": "k2", "__url__": "imagenet_train-0000.tgz", "y": None}]
+    r.close()
+    assert leftovers(base) == []
+
+
+@pytest.mark.parametrize("cmd", ["env", "ls -a", "cat __key__ sample.cls"])
+def test_plain_command_without_bash_is_the_same(base, cmd):
+    """A plain command is run without bash in between: same output, same variables as bash -c."""
+    fast = ShellRunner(cmd, tmpdir=str(base))
+    slow = ShellRunner(cmd, tmpdir=str(base))
+    assert fast._state().direct is not None
+    slow._state().direct = None
+    a, b = fast.run(sample()).stdout, slow.run(sample()).stdout
+    if cmd == "env":  # PWD differs by the temp dir's name only
+        a, b = ({l for l in x.decode().splitlines() if not l.startswith("PWD=")} for x in (a, b))
+    assert a == b
+    fast.close()
+    slow.close()
+
+
+@pytest.mark.parametrize("cmd", ["true", "echo a", "ls *", "x=1 env", "cat sample.cls; echo",
+                                 "ls ~", "echo $HOME", "cat 'sample.cls'", "ls {a,b}"])
+def test_shell_syntax_still_goes_to_bash(base, cmd):
+    r = ShellRunner(cmd, tmpdir=str(base))
+    assert r._state().direct is None
+    r.close()
+
+
+def test_direct_exec_failure_falls_back_to_bash(base, tmp_path):
+    script = tmp_path / "noshebang"
+    script.write_text("echo from-bash\n")
+    script.chmod(0o755)
+    r = ShellRunner(str(script), tmpdir=str(base))
+    assert r._state().direct is not None
+    assert r.run(sample()).stdout == b"from-bash\n"
+    r.close()

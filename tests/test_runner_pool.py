@@ -262,3 +262,27 @@ def test_signal_cleans_up(base, tmp_path, sig, p):
     time.sleep(0.1)
     assert _our_sleeps(marker) == []
     assert left_in(base) == []
+
+
+@pytest.mark.parametrize("processes", [1, 3])
+def test_shell_runner_runs_in_threads(base, processes):
+    """Shell commands run from threads of this process: no worker processes, samples not pickled."""
+    runner = ShellRunner(JITTER + "; rev sample.txt > sample.rev", tmpdir=str(base))
+    with SamplePool(runner, processes) as pool:
+        assert pool.threaded
+        outs = list(pool.map(samples(30)))
+        assert [c.name() for c in psutil.Process().children() if c.pid not in _BEFORE] == []
+    assert [o.outputs[0]["rev"] for o in outs] == [str(i)[::-1].encode() for i in range(30)]
+    assert left_in(base) == []
+
+
+def test_threads_prepare_failure_in_order(base):
+    """A sample refused before its command runs fails in its place, under every policy."""
+    bad = samples(10)
+    bad[4]["__key__"] = "../evil"
+    with SamplePool(ShellRunner("cat sample.txt", tmpdir=str(base)), 2, errors="skip") as pool:
+        outs = list(pool.map(bad))
+    assert [o.index for o in outs] == list(range(10))
+    assert outs[4].error is not None and outs[4].outputs == []
+    assert [o.stdout for o in outs if o.index != 4] == [str(i).encode() for i in range(10) if i != 4]
+    assert left_in(base) == []

@@ -177,8 +177,7 @@ def _input_samples(url):
     from tarproc import tario
 
     with storage.open_read(url) as raw:
-        stream = tario.open_decompressed(raw, url)
-        yield from tario.iter_samples(stream, url=url)
+        yield from tario.iter_samples(raw, url=url)
 
 
 class _Counted:

@@ -6,7 +6,13 @@ SampleResult`` and optionally ``close()`` (:class:`~tarproc.runner.ShellRunner`,
 input order (or as completed with ``ordered=False``), carrying the output samples and the
 command's stdout/stderr so the caller can route them.
 
-With ``processes=1`` everything runs inline in the calling process. With more, worker processes
+A runner whose ``pool_threads`` attribute is true (:class:`~tarproc.runner.ShellRunner`: its work
+is done by child processes, and spawning and waiting release the GIL) is run by N threads of the
+calling process instead, also at ``processes=1``, where the calling thread reads the next
+sample while the command of the current one runs: no sample is pickled to another process, and
+the calling thread only reads input and hands out results. The bounds below hold the same way.
+
+Otherwise, with ``processes=1`` everything runs inline in the calling process. With more, worker processes
 are started once (the runner is handed to them at startup, not per sample) and fed *batches* of
 consecutive samples whose size adapts so that a batch is a few milliseconds of work (at most
 :data:`MAX_BATCH` samples and about :data:`MAX_BATCH_BYTES` bytes): tiny samples share the cost
@@ -148,30 +154,37 @@ def _run_one(runner, item, index, decode, encode, keep, pack):
     try:
         if decode is not None:
             sample = decode(item)
-        r = runner.run(sample, index)
-        outputs = r.outputs
-        n = len(outputs)
-        if encode is not None:
-            outputs = encode(outputs)
-        return (index, 0, outputs, r.stdout, r.stderr, sample.get("__key__"), n)
+        return _done(runner.run(sample, index), sample, index, encode)
     except _FAILURES as exc:
-        kept = None
-        if keep and sample is not None:
-            kept = encode([sample]) if encode is not None else sample
-        key = getattr(exc, "key", None)
-        if key is None and isinstance(sample, dict):
-            key = sample.get("__key__")
-        return (
-            index,
-            1,
-            (_pack_exc(exc) if pack else exc, kept),
-            getattr(exc, "stdout", b""),
-            getattr(exc, "stderr", b""),
-            key,
-            1 if kept is not None else 0,
-        )
+        return _failed(exc, sample, index, encode, keep, pack)
     except Exception as exc:
         return (index, 2, _pack_exc(exc) if pack else exc, b"", b"", None, 0)
+
+
+def _done(r, sample, index, encode):
+    outputs = r.outputs
+    n = len(outputs)
+    if encode is not None:
+        outputs = encode(outputs)
+    return (index, 0, outputs, r.stdout, r.stderr, sample.get("__key__"), n)
+
+
+def _failed(exc, sample, index, encode, keep, pack):
+    kept = None
+    if keep and sample is not None:
+        kept = encode([sample]) if encode is not None else sample
+    key = getattr(exc, "key", None)
+    if key is None and isinstance(sample, dict):
+        key = sample.get("__key__")
+    return (
+        index,
+        1,
+        (_pack_exc(exc) if pack else exc, kept),
+        getattr(exc, "stdout", b""),
+        getattr(exc, "stderr", b""),
+        key,
+        1 if kept is not None else 0,
+    )
 
 
 def _worker_main(conn, runner, options, inherited):
@@ -229,6 +242,141 @@ def _worker_main(conn, runner, options, inherited):
             pass
 
 
+def _thread_main(runner, work, results, options, stop):
+    """Loop of one runner thread: take ``(index, item)`` jobs, put result tuples.
+
+    With a runner that works in steps (``prepare``/``launch``/``finish``/``cleanup``, as
+    :class:`~tarproc.runner.ShellRunner`), the thread prepares the next sample and removes the
+    previous one's dir while a command runs, so that only the command's start and the reading
+    of its results lie between two commands.
+    """
+    init = getattr(runner, "thread_init", None)
+    if init is not None:
+        try:
+            init()
+        except Exception:
+            pass
+    try:
+        if hasattr(runner, "prepare"):
+            _thread_steps(runner, work, results, options, stop)
+        else:
+            _thread_simple(runner, work, results, options, stop)
+    except BaseException as exc:  # noqa: BLE001 - the calling thread must hear of it
+        results.put((-1, 2, exc, b"", b"", None, 0))
+
+
+def _thread_simple(runner, work, results, options, stop):
+    decode, encode, keep = options
+    while True:
+        job = work.get()
+        if job is None:
+            return
+        if stop.is_set():
+            continue  # closing: drop queued work
+        index, item = job
+        results.put(_run_one(runner, item, index, decode, encode, keep, False))
+
+
+def _thread_steps(runner, work, results, options, stop):
+    """The loop of :func:`_thread_main` for a runner that works in steps.
+
+    Between two commands there is only the wait's end and the next start: the next sample is
+    prepared, the previous dir removed, and the outputs read back while a command runs.
+    """
+    decode, encode, keep = options
+
+    def stage(entry):
+        """Prepare one queued entry: ``(index, sample, job)``, or None (result already put)."""
+        index, item = entry
+        sample = item
+        try:
+            if decode is not None:
+                sample = decode(item)
+            return index, sample, runner.prepare(sample, index)
+        except _FAILURES as exc:
+            results.put(_failed(exc, sample, index, encode, keep, False))
+        except Exception as exc:
+            results.put((index, 2, exc, b"", b"", None, 0))
+        return None
+
+    def launch(staged):
+        """Start a staged job; it, or None (its failure already put, its dir removed)."""
+        index, sample, job = staged
+        try:
+            runner.launch(job)
+            return staged
+        except _FAILURES as exc:
+            r = _failed(exc, sample, index, encode, keep, False)
+        except Exception as exc:
+            r = (index, 2, exc, b"", b"", None, 0)
+        runner.cleanup(job)
+        results.put(r)
+        return None
+
+    staged = None  # prepared, not launched
+    current = None  # launched
+    previous = None  # done, its dir not yet removed
+    ending = False
+    try:
+        while True:
+            if current is None:
+                if staged is None:
+                    if ending:
+                        return
+                    entry = work.get()
+                    if entry is None:
+                        return
+                    if stop.is_set():
+                        continue  # closing: drop queued work
+                    staged = stage(entry)
+                    if staged is None:
+                        continue
+                if stop.is_set():
+                    runner.cleanup(staged[2])
+                    staged = None
+                    continue
+                current, staged = launch(staged), None
+                if current is None:
+                    continue
+            # A command runs: remove the previous dir, prepare the next sample if one waits.
+            if previous is not None:
+                runner.cleanup(previous)
+                previous = None
+            if staged is None and not ending and not stop.is_set():
+                try:
+                    entry = work.get_nowait()
+                except queue.Empty:
+                    entry = False
+                if entry is None:
+                    ending = True
+                elif entry is not False:
+                    staged = stage(entry)
+            index, sample, job = current
+            try:
+                runner.reap(job)
+                # Start the next command before reading this one's outputs back.
+                current = None
+                if staged is not None and not stop.is_set():
+                    current, staged = launch(staged), None
+                r = _done(runner.collect_outputs(job), sample, index, encode)
+            except _FAILURES as exc:
+                if current is not None and current[2] is job:
+                    current = None
+                r = _failed(exc, sample, index, encode, keep, False)
+            except Exception as exc:
+                if current is not None and current[2] is job:
+                    current = None
+                r = (index, 2, exc, b"", b"", None, 0)
+            previous = job
+            results.put(r)
+    finally:
+        for held in (staged, current):
+            if held is not None:
+                runner.cleanup(held[2])
+        if previous is not None:
+            runner.cleanup(previous)
+
+
 def _die_with_parent():
     """Ask Linux to SIGTERM this worker if its parent dies (no orphaned workers)."""
     try:
@@ -284,6 +432,9 @@ class SamplePool:
     -> bytes`` turns each input's outputs into bytes (say, their tar members), found in
     ``Outcome.data``. With tiny samples and cheap code, this is what lets N processes go faster
     than one.
+
+    ``threads``: run the runner in threads of this process rather than worker processes; default
+    the runner's ``pool_threads`` attribute (see module doc).
     """
 
     def __init__(
@@ -299,6 +450,7 @@ class SamplePool:
         handle_sigterm=True,
         decode=None,
         encode=None,
+        threads=None,
     ):
         if errors not in ERROR_POLICIES:
             raise ValueError(f"errors must be one of {ERROR_POLICIES}, not {errors!r}")
@@ -316,6 +468,10 @@ class SamplePool:
         )
         self.stats = PoolStats()
         self._workers = []
+        self._threads = []
+        if threads is None:
+            threads = bool(getattr(runner, "pool_threads", False))
+        self.threaded = bool(threads)
         self._closed = False
         self._old_sigterm = None
         self._sample_seconds = None  # running estimate of one sample's processing time
@@ -325,7 +481,9 @@ class SamplePool:
             load = getattr(runner, "load", None)
             if load is not None:
                 load()  # report a broken script before starting anything
-            if self.processes > 1:
+            if self.threaded:
+                self._start_threads()
+            elif self.processes > 1:
                 self._start_workers(mp_context)
         except BaseException:
             self.close(abort=True)
@@ -375,6 +533,37 @@ class SamplePool:
             child_end.close()
             self._workers.append(_Worker(proc, parent_end))
 
+    def _start_threads(self):
+        self._work = queue.SimpleQueue()
+        self._results = queue.SimpleQueue()
+        self._stop = threading.Event()
+        options = (self.decode, self.encode, self.errors == "keep")
+        for i in range(self.processes):
+            t = threading.Thread(
+                target=_thread_main,
+                args=(self.runner, self._work, self._results, options, self._stop),
+                name=f"tarproc-runner-{i}",
+                daemon=True,
+            )
+            t.start()
+            self._threads.append(t)
+
+    def _stop_threads(self):
+        """Stop the runner threads: drop queued work, kill running commands, join."""
+        self._stop.set()
+        for _ in self._threads:
+            self._work.put(None)
+        kill = getattr(self.runner, "kill_running", None)
+        deadline = time.monotonic() + 10.0
+        for t in self._threads:
+            while t.is_alive():
+                if kill is not None:
+                    kill()  # also commands started after the previous round
+                t.join(0.05)
+                if time.monotonic() > deadline:
+                    break
+        self._threads = []
+
     def __enter__(self):
         return self
 
@@ -393,6 +582,8 @@ class SamplePool:
             return
         self._closed = True
         try:
+            if self._threads:
+                self._stop_threads()
             busy = any(w.batches for w in self._workers)
             if abort or busy:
                 for w in self._workers:
@@ -440,6 +631,8 @@ class SamplePool:
         """
         if self._closed:
             raise ValueError("pool is closed")
+        if self.threaded:
+            return self._map_threads(samples)
         if self.processes == 1:
             return self._map_inline(samples)
         return self._map_workers(samples)
@@ -503,6 +696,73 @@ class SamplePool:
                 st.inputs += 1
                 st.in_bytes += size(item)
                 yield self._outcome(_run_one(runner, item, index, decode, encode, keep, False))
+        except BaseException:
+            self.close(abort=True)
+            raise
+
+    def _map_threads(self, samples):
+        it = iter(samples)
+        st = self.stats
+        size_of = self._size
+        outcome = self._outcome
+        work, results = self._work, self._results
+        ordered = self.ordered
+        abort = self.errors == "abort"
+        max_in_flight = self.max_in_flight
+        max_bytes = self.max_bytes_in_flight
+        max_pending = 2 * self.processes  # one running and one waiting per thread
+        sizes = {}  # index -> input size, for samples read and not yet handed out
+        held = {}  # ordered: results waiting for an earlier one
+        next_index = 0  # index of the next sample read from the input
+        next_out = 0  # ordered: index of the next result to hand out
+        pending = 0  # sent to the threads, result not yet received
+        bytes_in_flight = 0
+        exhausted = False
+        failing = False
+        lookahead = None
+        lookahead_size = 0
+        try:
+            while True:
+                while not exhausted and not failing and pending < max_pending:
+                    if len(sizes) >= max_in_flight:
+                        break
+                    if lookahead is None:
+                        try:
+                            lookahead = next(it)
+                        except StopIteration:
+                            exhausted = True
+                            break
+                        lookahead_size = size_of(lookahead)
+                        st.inputs += 1
+                        st.in_bytes += lookahead_size
+                    if sizes and bytes_in_flight + lookahead_size > max_bytes:
+                        break
+                    work.put((next_index, lookahead))
+                    sizes[next_index] = lookahead_size
+                    bytes_in_flight += lookahead_size
+                    next_index += 1
+                    pending += 1
+                    lookahead = None
+                if not sizes and (exhausted or failing):
+                    return
+                if pending == 0:  # cannot happen: every sample read is sent or handed out
+                    raise RuntimeError("tarproc pool: nothing running and nothing to hand out")
+                r = results.get()
+                if r[0] < 0:  # a runner thread died of something other than an Exception
+                    raise r[2]
+                pending -= 1
+                if r[1] == 2 or (abort and r[1] == 1):
+                    failing = True
+                if ordered:
+                    held[r[0]] = r
+                    while next_out in held:
+                        r = held.pop(next_out)
+                        bytes_in_flight -= sizes.pop(next_out)
+                        next_out += 1
+                        yield outcome(r)  # raises a failure under "abort"
+                else:
+                    bytes_in_flight -= sizes.pop(r[0])
+                    yield outcome(r)
         except BaseException:
             self.close(abort=True)
             raise

@@ -6,14 +6,17 @@ extension; see ``iter_samples`` and ``TarWriter``.
 """
 
 from .compress import compression_for_name, open_decompressed
-from .reader import TarioWarning, iter_members, iter_samples
-from .writer import TarWriter
+from .reader import TarioWarning, decode_raw_sample, iter_members, iter_raw_samples, iter_samples
+from .writer import TarWriter, encode_samples
 
 __all__ = [
     "open_decompressed",
     "iter_members",
     "iter_samples",
+    "iter_raw_samples",
+    "decode_raw_sample",
     "TarWriter",
+    "encode_samples",
     "compression_for_name",
     "TarioWarning",
 ]

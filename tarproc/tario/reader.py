@@ -23,7 +23,7 @@ from tarproc.errors import FormatError, UnsafeNameError
 from .compress import open_decompressed
 from .names import is_meta_name, split_name, unsafe_reason
 
-__all__ = ["iter_members", "iter_samples", "TarioWarning"]
+__all__ = ["iter_members", "iter_samples", "iter_raw_samples", "decode_raw_sample", "TarioWarning"]
 
 _CHUNK = 1 << 20  # bytes asked of the underlying stream per read
 _MAX_META = 16 << 20  # largest pax / GNU long-name header accepted
@@ -68,15 +68,15 @@ def _octal(field):
         return None
 
 
+_adler32 = zlib.adler32
+
+
 def _checksum_ok(block):
     """True if the header checksum matches (unsigned sum, or signed as some old tars wrote)."""
-    # Fast exact unsigned sum without a Python-level loop: the byte sum is known modulo 65521
-    # (adler32's low half) and modulo 255 (a base-256 number modulo 255); their product exceeds
-    # any possible sum, so the two residues determine it (Chinese remainder theorem).
-    field = sum(block[148:156])
-    a = ((zlib.adler32(block) & 0xFFFF) - 1 - field + 256) % 65521
-    b = (int.from_bytes(block, "little") - field + 256) % 255
-    unsigned = a + 65521 * (((b - a) * 91) % 255)  # 91 is the inverse of 65521 modulo 255
+    # Fast exact unsigned sum without a Python-level loop: adler32's low half is 1 + the byte
+    # sum modulo 65521, exact for pieces of at most 256 bytes (256 * 255 < 65520). The
+    # checksum field itself counts as eight spaces (8 * 32 = 256; 256 - 3 for the three 1s).
+    unsigned = (_adler32(block[:148]) & 0xFFFF) + (_adler32(block[156:400]) & 0xFFFF) + (_adler32(block[400:512]) & 0xFFFF) + 253
     stored_field = block[148:156]
     if stored_field == b"%06o\x00 " % unsigned:
         return True
@@ -131,16 +131,22 @@ def iter_members(fileobj, url="-", max_member_size=None, *, unsafe="error"):
     if unsafe not in ("error", "skip"):
         raise ValueError(f"unsafe must be 'error' or 'skip', not {unsafe!r}")
     stream = open_decompressed(fileobj, url)
-    read = stream.read
-    readinto = getattr(stream, "readinto", None)
+    yield from _members(stream.read, getattr(stream, "readinto", None), url, max_member_size, unsafe)
+
+
+def _members(read, readinto, url, max_member_size, unsafe, buf=b"", base=0):
+    """The body of ``iter_members`` on an opened (uncompressed) stream's ``read``/``readinto``.
+
+    With ``read=None``, parse the tar members held in ``buf`` (bytes-like) alone, reporting
+    offsets from ``base``: how workers decode the raw samples of ``iter_raw_samples``.
+    """
     # Chunks are read into two reused buffers in turn (the previous one may still hold the
     # start of a member that straddles chunks): no allocation, no fresh pages per chunk.
     spare = (bytearray(_CHUNK), bytearray(_CHUNK)) if readinto is not None else None
     flip = 0
-    buf = memoryview(b"")  # the current chunk of the stream
+    buf = memoryview(buf)  # the current chunk of the stream
     pos = 0  # read position in buf
-    base = 0  # stream offset of buf[0]
-    eof = False
+    eof = read is None
     last = None  # name of the last member read, for error messages
     long_name = None
     pax = None
@@ -406,6 +412,441 @@ def iter_samples(fileobj, url="-", *, strict=False, max_member_size=None, unsafe
         sample[ext] = data
     if sample is not None:
         yield sample
+
+
+def iter_raw_samples(fileobj, url="-", *, strict=False, max_member_size=None, unsafe="error"):
+    """Yield the samples of a tar stream still encoded: ``(offset, raw, nbytes)`` per sample.
+
+    ``raw`` holds the sample's tar members exactly as they are in the (uncompressed) stream:
+    headers, extended headers, data and padding, no end blocks; ``offset`` is the stream offset
+    of its first header and ``nbytes`` the total size of its members' data. ``decode_raw_sample
+    (raw, url, offset)`` turns it into the very dict ``iter_samples`` gives for that sample.
+
+    This is the cheap half of ``iter_samples``, for a process that only hands samples on (to
+    worker processes that decode them): it parses just what grouping and safety need — names,
+    sizes, member types — and skips, warns and raises exactly as ``iter_samples`` does, with the
+    same messages, except for two checks left to ``decode_raw_sample``: the header checksums of
+    regular members and an extension appearing twice within a sample. Members that
+    ``iter_samples`` skips (links, directories, unsafe names under ``unsafe="skip"``,
+    ``__meta__`` names, names without extension) are left out of ``raw``.
+    """
+    if unsafe not in ("error", "skip"):
+        raise ValueError(f"unsafe must be 'error' or 'skip', not {unsafe!r}")
+    stream = open_decompressed(fileobj, url)
+    read = stream.read
+    buf = b""  # stream bytes from offset `base`, as one bytes object
+    base = 0
+    pos = 0  # parse position in buf
+    eof = False
+    seg = -1  # position in buf where the open span of the current sample starts, or -1
+    segs = []  # earlier spans of the current sample (only when skipped members interrupt it)
+    sample_offset = 0
+    nbytes = 0
+    key = None
+    seen = _SeenKeys()
+    nsplit = 0
+    nnokey = 0
+    nwarn = 0
+    last = None
+    long_name = None
+    pax = None
+    zero = _ZERO_BLOCK
+    chunk = _CHUNK
+
+    def where(offset, name=None):
+        if name is not None:
+            return f"{url}: member {name!r} at offset {offset}"
+        if last is None:
+            return f"{url}: at offset {offset}"
+        return f"{url}: at offset {offset} (after member {last!r})"
+
+    def check(block, offset):
+        """Raise the checksum error iter_members would raise for this header, if any."""
+        if not _checksum_ok(block):
+            if offset == 0:
+                raise FormatError(f"{url}: not a tar archive (no valid tar header at offset 0)")
+            raise FormatError(f"{where(offset)}: bad tar header checksum")
+
+    mstart = 0  # position in buf of the current member's first header (extended headers first)
+    while True:
+        # --- header block ---
+        if len(buf) - pos < 512 and not eof:
+            # Refill: keep what the current sample and member still need, append a new chunk.
+            cut = mstart if (long_name is not None or pax is not None) else pos
+            if seg >= 0 and cut - seg >= chunk:  # a large sample: set its start aside once
+                segs.append(buf[seg:cut])
+                seg = cut
+            keep = seg if seg >= 0 else cut
+            parts = [buf[keep:]]
+            have = len(buf) - pos
+            while have < 512:
+                data = read(chunk)
+                if not data:
+                    eof = True
+                    break
+                parts.append(data)
+                have += len(data)
+            buf = b"".join(parts)
+            base += keep
+            pos -= keep
+            mstart -= keep
+            if seg >= 0:
+                seg -= keep
+        offset = base + pos
+        if long_name is None and pax is None:
+            mstart = pos
+        if len(buf) - pos < 512:
+            rest = len(buf) - pos
+            if not rest:
+                if long_name is not None or pax is not None:
+                    raise FormatError(f"{where(offset)}: truncated archive: extended header without its member")
+                break
+            if offset == 0:
+                raise FormatError(f"{url}: not a tar archive ({rest} bytes, shorter than one tar header)")
+            raise FormatError(f"{where(offset)}: truncated archive: the stream ends inside a header")
+        if buf[pos] == 0 and buf.startswith(zero, pos):
+            pos += 512
+            break
+        if offset == 0:
+            check(buf[pos : pos + 512], 0)
+        typeflag = buf[pos + 156]
+
+        # --- name ---
+        if long_name is not None:
+            name = long_name
+            long_name = None
+        else:
+            nul = buf.find(0, pos, pos + 100)
+            raw = buf[pos:nul] if nul >= 0 else buf[pos : pos + 100]
+            if buf[pos + 345] != 0 and buf.startswith(_POSIX_MAGIC, pos + 257):
+                prefix = buf[pos + 345 : pos + 500]
+                nul = prefix.find(0)
+                if nul >= 0:
+                    prefix = prefix[:nul]
+                raw = prefix + b"/" + raw
+            name = raw.decode("utf-8", "surrogateescape")
+
+        # --- size ---
+        size = None
+        if buf[pos + 135] in (0, 32):
+            try:
+                size = int(buf[pos + 124 : pos + 135], 8)
+            except ValueError:
+                pass
+        if size is None:
+            size = _octal(buf[pos + 124 : pos + 136])
+        if size is None or size < 0:
+            check(buf[pos : pos + 512], offset)
+            raise FormatError(f"{where(offset, name)}: invalid size field")
+        sparse = False
+        if pax is not None:
+            if "path" in pax:
+                name = _decode(pax["path"])
+            if "size" in pax:
+                try:
+                    size = int(pax["size"])
+                except ValueError:
+                    size = -1
+                if size < 0:
+                    check(buf[pos : pos + 512], offset)
+                    raise FormatError(f"{where(offset, name)}: invalid pax size")
+            sparse = "GNU.sparse.major" in pax or "GNU.sparse.size" in pax or "GNU.sparse.map" in pax
+            pax = None
+
+        # --- what kind of member ---
+        skip = None
+        meta = False
+        if typeflag == 48 or typeflag == 0 or typeflag == 55:  # "0", NUL, "7": regular
+            if sparse:
+                check(buf[pos : pos + 512], offset)
+                skip = "GNU sparse file (not supported)"
+        else:
+            check(buf[pos : pos + 512], offset)
+            tf = bytes((typeflag,))
+            if tf in _NO_DATA:
+                kind = _NO_DATA[tf]
+                if kind is not None:
+                    nwarn += 1
+                    if nwarn <= _MAX_WARNINGS:
+                        _warn(f"{where(offset, name)}: skipping {kind} (links and special files are never followed)")
+                    elif nwarn == _MAX_WARNINGS + 1:
+                        _warn(f"{url}: further skipped members are not reported")
+                pos += 512
+                if seg >= 0:  # the member is left out of the sample's raw bytes
+                    segs.append(buf[seg:mstart])
+                    seg = pos
+                continue
+            if tf in (b"L", b"K", b"x", b"X", b"g"):
+                meta = True
+                if size > _MAX_META:
+                    raise FormatError(f"{where(offset)}: extended header of {size} bytes is too large")
+            else:
+                skip = f"unsupported member type {tf!r}"
+        if skip is None and not meta:
+            if max_member_size is not None and size > max_member_size:
+                check(buf[pos : pos + 512], offset)
+                raise FormatError(
+                    f"{where(offset, name)}: member of {size} bytes exceeds the limit of {max_member_size} bytes"
+                )
+            if name[:1] in ("/", "") or ".." in name or not name.isprintable():
+                reason = unsafe_reason(name)
+                if reason is not None:
+                    check(buf[pos : pos + 512], offset)
+                    if unsafe == "error":
+                        raise UnsafeNameError(f"{where(offset, name)}: unsafe member name ({reason})")
+                    skip = f"unsafe member name ({reason})"
+
+        # --- data ---
+        end = pos + 512 + ((size + 511) & ~511)
+        if end > len(buf):
+            if seg >= 0 and mstart - seg >= chunk:
+                segs.append(buf[seg:mstart])
+                seg = mstart
+            keep = seg if seg >= 0 else mstart
+            parts = [buf[keep:]]
+            have = len(buf)
+            while have < end and not eof:
+                data = read(max(end - have, chunk))
+                if not data:
+                    eof = True
+                    break
+                parts.append(data)
+                have += len(data)
+            buf = b"".join(parts)
+            base += keep
+            pos -= keep
+            end -= keep
+            mstart -= keep
+            if seg >= 0:
+                seg -= keep
+            if end > len(buf):
+                check(buf[pos : pos + 512], offset)
+                raise FormatError(f"{where(offset, name)}: truncated archive: the stream ends inside the member")
+        if skip is not None:
+            nwarn += 1
+            if nwarn <= _MAX_WARNINGS:
+                _warn(f"{where(offset, name)}: skipping {skip}")
+            elif nwarn == _MAX_WARNINGS + 1:
+                _warn(f"{url}: further skipped members are not reported")
+            pos = end
+            if seg >= 0:
+                segs.append(buf[seg:mstart])
+                seg = end
+            continue
+        if meta:
+            check(buf[pos : pos + 512], offset)
+            data = buf[pos + 512 : pos + 512 + size]
+            if typeflag == 76:  # "L"
+                nul = data.find(0)
+                long_name = _decode(data[:nul] if nul >= 0 else data)
+            elif typeflag == 120 or typeflag == 88:  # "x", "X"
+                pax = _parse_pax(data, url, offset)
+            pos = end
+            continue
+        last = name
+        pos = end
+
+        # --- grouping, as iter_samples does ---
+        if name[:2] == "__" and is_meta_name(name):
+            if seg >= 0:
+                segs.append(buf[seg:mstart])
+                seg = end
+            continue
+        slash = name.rfind("/")
+        dot = name.find(".", slash + 1)
+        if dot > slash + 1:
+            k = name[:dot]
+        else:
+            k = split_name(name)[0]
+        if k is None:
+            nnokey += 1
+            if nnokey <= _MAX_WARNINGS:
+                _warn(f"{url}: skipping member {name!r}: no extension, so it belongs to no sample")
+            elif nnokey == _MAX_WARNINGS + 1:
+                _warn(f"{url}: further members without extension are not reported")
+            if seg >= 0:
+                segs.append(buf[seg:mstart])
+                seg = end
+            continue
+        if k != key:
+            if key is not None:
+                if segs:
+                    segs.append(buf[seg:mstart])
+                    yield sample_offset, b"".join(segs), nbytes
+                    segs = []
+                else:
+                    yield sample_offset, buf[seg:mstart], nbytes
+            if seen.add(k):
+                if strict:
+                    raise FormatError(
+                        f"{url}: sample {k!r} is split: its members are not consecutive (member {name!r})"
+                    )
+                nsplit += 1
+                if nsplit <= _MAX_WARNINGS:
+                    _warn(
+                        f"{url}: sample {k!r} is split: its members are not consecutive; "
+                        f"reading member {name!r} as a separate sample"
+                    )
+                elif nsplit == _MAX_WARNINGS + 1:
+                    _warn(f"{url}: further split samples are not reported")
+            key = k
+            seg = mstart
+            sample_offset = base + mstart
+            nbytes = size
+        else:
+            if seg < 0:
+                seg = mstart
+            nbytes += size
+
+    if key is not None:
+        # mstart: the end-of-archive block, or the end of the stream
+        if segs:
+            segs.append(buf[seg:mstart])
+            yield sample_offset, b"".join(segs), nbytes
+        else:
+            yield sample_offset, buf[seg:mstart], nbytes
+
+    # --- end of archive: check the rest of the stream is only padding ---
+    trailing = bool(buf[pos:].strip(b"\0"))
+    while not eof:
+        data = read(_CHUNK)
+        if not data:
+            break
+        if not trailing and data.strip(b"\0"):
+            trailing = True
+    if trailing:
+        _warn(f"{url}: data after the end-of-archive block ignored")
+
+
+# The last sample decode_raw_sample decoded whose raw bytes are exactly what TarWriter (mtime 0)
+# writes for it: (key, {ext: value}, raw), else None. encode_samples of a sample with the same
+# key and fields returns raw as it is, since that is its encoding: code that passes samples
+# through (identity, filters, errors="keep") costs no re-encoding. Content-checked, so correct
+# whoever calls what in which order.
+_last_plain = [None]
+
+# TarWriter's plain header (mtime 0) around name, size and checksum; the checksum's constant part.
+_PLAIN_MODE = b"0000644\x00" + b"0000000\x00" + b"0000000\x00"
+_PLAIN_MTIME = b"00000000000\x00"
+_PLAIN_TAIL = b"0" + bytes(100) + b"ustar\x0000" + bytes(64) + b"0000000\x00" + b"0000000\x00" + bytes(167)
+_PLAIN_SUM = sum(_PLAIN_MODE) + sum(_PLAIN_MTIME) + 8 * 32 + sum(_PLAIN_TAIL)
+
+
+def _decode_plain(raw, url):
+    """``decode_raw_sample`` for the common case — ustar headers of regular members with short
+    names, valid checksums, one key, distinct extensions — or None for anything else, which
+    the general parser then handles (and reports) exactly as ``iter_samples`` does."""
+    if raw.__class__ is not bytes:
+        raw = bytes(raw)
+    n = len(raw)
+    pos = 0
+    sample = None
+    key = None
+    fields = {}
+    plain = True  # raw is what TarWriter writes for the sample
+    prev = None
+    while pos < n:
+        h = pos
+        if n - h < 512:
+            return None
+        nul = raw.find(0, h, h + 100)
+        name_raw = raw[h : nul if nul >= 0 else h + 100]
+        try:
+            size = int(raw[h + 124 : h + 135], 8)
+        except ValueError:
+            return None
+        if plain and name_raw.isascii():
+            # Exactly TarWriter's header for this name and size? Then it is valid too.
+            sfield = b"%011o\x00" % size
+            if not raw.startswith(
+                b"".join((name_raw.ljust(100, b"\x00"), _PLAIN_MODE, sfield, _PLAIN_MTIME,
+                          b"%06o\x00 " % (_PLAIN_SUM + sum(name_raw) + sum(sfield)), _PLAIN_TAIL)),
+                h,
+            ):
+                plain = False
+        else:
+            plain = False
+        if not plain:
+            typeflag = raw[h + 156]
+            if (typeflag != 48 and typeflag != 0 and typeflag != 55) or raw[h + 345] != 0 or raw[h + 135] not in (0, 32):
+                return None
+            if not _checksum_ok(raw[h : h + 512]):  # an all-zero block fails too
+                return None
+        name = name_raw.decode("utf-8", "surrogateescape")
+        start = h + 512
+        end = start + size
+        pos = start + ((size + 511) & ~511)
+        if size < 0 or pos > n or name[:1] in ("/", "") or name[:2] == "__" or ".." in name or not name.isprintable():
+            return None
+        slash = name.rfind("/")
+        dot = name.find(".", slash + 1)
+        if dot <= slash + 1:
+            return None
+        if sample is None:
+            key = name[:dot]
+            sample = {"__key__": key, "__url__": url}
+        elif name[:dot] != key:
+            return None
+        ext = name[dot + 1 :]
+        if ext in sample:
+            return None
+        value = raw[start:end]
+        sample[ext] = value
+        if plain:
+            if raw.count(0, end, pos) == pos - end and ext[:2] != "__" and (prev is None or ext > prev):
+                fields[ext] = value
+                prev = ext
+            else:
+                plain = False
+    if sample is None:
+        return None
+    return sample, ((key, fields, raw) if plain else None)
+
+
+def decode_raw_sample(raw, url="-", offset=0):
+    """The sample dict held in ``raw``, the tar members of one sample (see ``iter_raw_samples``).
+
+    Parsed by the same code as ``iter_samples``, so the dict is the one ``iter_samples`` gives,
+    with ``__url__`` set to ``url``; header checksums are verified here. ``offset`` is the
+    stream offset of ``raw`` in ``url``, for error messages. Raises FormatError for damaged
+    members, an extension twice, or ``raw`` not holding exactly one sample.
+    """
+    _last_plain[0] = None
+    sample, _last_plain[0] = _decode_raw(raw, url, offset)
+    return sample
+
+
+def _decode_raw(raw, url, offset):
+    """``decode_raw_sample``, and ``(key, fields, raw)`` if ``raw`` is exactly what TarWriter
+    (mtime 0) writes for the sample, else None: ``(sample, plain)``."""
+    done = _decode_plain(raw, url)
+    if done is not None:
+        return done
+    sample = None
+    key = None
+    for name, data in _members(None, None, url, None, "error", raw, offset):
+        if name[:2] == "__" and is_meta_name(name):
+            continue
+        slash = name.rfind("/")
+        dot = name.find(".", slash + 1)
+        if dot > slash + 1:
+            k = name[:dot]
+            ext = name[dot + 1 :]
+        else:
+            k, ext = split_name(name)
+        if k is None:
+            continue
+        if sample is None:
+            key = k
+            sample = {"__key__": k, "__url__": url}
+        elif k != key:
+            raise FormatError(f"{url}: at offset {offset}: raw sample {key!r} also holds member {name!r}")
+        if ext in sample:
+            raise FormatError(f"{url}: sample {k!r} has extension {ext!r} twice (member {name!r})")
+        sample[ext] = data
+    if sample is None:
+        raise FormatError(f"{url}: at offset {offset}: raw sample holds no member")
+    return sample, None
 
 
 class _SeenKeys:
