@@ -46,7 +46,7 @@ __all__ = [
 ]
 
 #: The private field of intermediate tar files: "src pos sub" order and the original key.
-ORDER_FIELD = "_tp"
+ORDER_FIELD = "tps"  # the one member per sample of intermediate runs
 #: Most sorted streams merged at once; more are merged in several passes through temp runs.
 DEFAULT_FANIN = 64
 #: Rough per-sample overhead of a dict of bytes in memory, for the memory estimate.
@@ -279,32 +279,58 @@ def _tario():
     return tario
 
 
+_WIRE_HEAD = struct.Struct("<qqqII")  # order (src, pos, sub), key length, field count
+_WIRE_FIELD = struct.Struct("<II")  # name length, value length
+
+
 def to_wire(sample, seq):
-    """The intermediate form of a sample: unique member key; order and original key in one field."""
+    """The intermediate form of a sample: one tar member `SEQ.tps` holding the whole sample.
+
+    Its bytes are the order (source shard, position, sub-position), the original key and every
+    field, length-prefixed: a third of the tar headers of one member per field for tiny
+    samples, and nothing to parse but lengths (no pickle, so a shared work location can never
+    make a reader run code).
+    """
     src, pos, sub = sample["__order__"]
-    out = {"__key__": f"{seq:010d}",
-           ORDER_FIELD: b"%d %d %d\n" % (src, pos, sub) + sample["__key__"].encode("utf-8")}
+    key = sample["__key__"].encode("utf-8")
+    parts = [None, key]
+    n = 0
     for name, value in sample.items():
         if name[:2] == "__":
             continue
-        if name == ORDER_FIELD:
-            raise ReshardError(f"sample {sample['__key__']!r}: field name {name!r} is reserved")
-        out[name] = value
-    return out
+        if value.__class__ is not bytes:
+            value = value.encode("utf-8") if isinstance(value, str) else bytes(value)
+        raw = name.encode("utf-8")
+        parts.append(_WIRE_FIELD.pack(len(raw), len(value)))
+        parts.append(raw)
+        parts.append(value)
+        n += 1
+    parts[0] = _WIRE_HEAD.pack(src, pos, sub, len(key), n)
+    return {"__key__": f"{seq:010d}", ORDER_FIELD: b"".join(parts)}
 
 
 def from_wire(wire, url=None):
     """Inverse of :func:`to_wire`."""
     try:
-        head, key = wire.pop(ORDER_FIELD).split(b"\n", 1)
-        src, pos, sub = head.split()
-        order = (int(src), int(pos), int(sub))
-    except (KeyError, ValueError):
+        data = wire[ORDER_FIELD]
+        src, pos, sub, klen, n = _WIRE_HEAD.unpack_from(data, 0)
+        at = _WIRE_HEAD.size
+        out = {"__key__": data[at:at + klen].decode("utf-8"), "__order__": (src, pos, sub)}
+        at += klen
+        unpack = _WIRE_FIELD.unpack_from
+        size = _WIRE_FIELD.size
+        for _ in range(n):
+            nlen, vlen = unpack(data, at)
+            at += size
+            name = data[at:at + nlen].decode("utf-8")
+            at += nlen
+            out[name] = data[at:at + vlen]
+            at += vlen
+        if at != len(data):
+            raise ValueError("trailing bytes")
+    except (KeyError, ValueError, struct.error, UnicodeDecodeError):
         raise ReshardError(f"{url}: not a tarproc intermediate file (member {wire.get('__key__')!r})") from None
-    wire["__key__"] = key.decode("utf-8")
-    wire["__order__"] = order
-    wire.pop("__url__", None)
-    return wire
+    return out
 
 
 def write_run(fileobj, samples):

@@ -51,7 +51,7 @@ __all__ = ["shuffle", "sort", "run_twophase", "ReshardResult", "UserCode", "Work
 #: Sort keys sampled per input shard (at least; more when there are many outputs per input).
 MIN_SAMPLE_PER_SHARD = 1000
 SAMPLE_PER_OUTPUT = 400
-FORMAT_VERSION = "tarproc-twophase-1"
+FORMAT_VERSION = "tarproc-twophase-2"
 
 
 class WorkdirError(TarprocError):
