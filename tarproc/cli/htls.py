@@ -13,11 +13,9 @@ PROG = "htls"
 
 
 def _human(n):
-    n = float(n)
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
+    from ..tarutils import format_size
+
+    return format_size(n)
 
 
 def build_parser():

@@ -295,12 +295,9 @@ class JobResult:
 
 
 def _human_bytes(n) -> str:
-    n = float(n)
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} PB"
+    from tarproc.tarutils import format_size
+
+    return format_size(n)
 
 
 # ---------------------------------------------------------------------------------------------
