@@ -228,3 +228,15 @@ def test_slow_shard_gets_a_speculative_copy(data, dask_scheduler_address, tmp_pa
     assert result.ok and result.speculated >= 1
     assert [len(samples_of(data / f"out/s-{i}.tar")) for i in range(6)] == [10] * 6
     assert any(item.get("speculative") for item in result.items)
+
+
+def test_log_dir_keeps_each_shards_command_stderr_and_warnings(data):
+    proc = sh("htmapper -j 2 -C 'echo \"converting $TARPROC_KEY\" >&2' --log-dir logs "
+              "'data/imagenet_train-{0000..0001}.tgz' 'out/l-@2.tar'", data, check=True, timeout=180)
+    logs = sorted((data / "logs").iterdir())
+    assert len(logs) == 2, proc.stderr
+    for i, log in enumerate(logs):
+        text = log.read_text()
+        keys = [s["__key__"] for s in samples_of(data / f"data/imagenet_train-{i:04d}.tgz")]
+        assert "imagenet_train-000" in log.name
+        assert [f"converting {k}" for k in keys] == [line for line in text.splitlines() if line.startswith("converting")]
