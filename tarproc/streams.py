@@ -70,7 +70,21 @@ class _Tally:
             flush()
 
 
-class SampleWriter:
+class _CommitOnExit:
+    """Context manager of the writers: a clean exit closes (commits), an exception aborts."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+        return False
+
+
+class SampleWriter(_CommitOnExit):
     """Write samples as one tar to a URL; the object appears there only when the writer commits.
 
     Compression follows the name (`.tgz`, `.tar.zst`, ...) unless given. `sha256=False` skips
@@ -131,16 +145,6 @@ class SampleWriter:
         self.closed = True
         self._store.abort()
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-        return False
-
 
 def write_samples(url, samples, compression="auto"):
     """Write an iterable of samples to one URL atomically; returns (count, bytes written)."""
@@ -150,7 +154,7 @@ def write_samples(url, samples, compression="auto"):
     return sink.count, sink.nbytes
 
 
-class ShardWriter:
+class ShardWriter(_CommitOnExit):
     """Write a stream of samples as numbered shards of at most `maxcount` samples / `maxsize` bytes.
 
     `pattern` is printf-style (`out/ds-%06d.tar`) or `{}`-style (`out/ds-{:06d}.tar`). Every shard
@@ -201,13 +205,3 @@ class ShardWriter:
         if self._sink is not None:
             self._sink.abort()
             self._sink = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-        return False
