@@ -30,7 +30,6 @@ the figures of that row are not trustworthy.
 """
 
 import argparse
-import io
 import json
 import os
 import shlex
@@ -38,7 +37,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import threading
 import time
@@ -181,17 +179,9 @@ def median_run(runs):
 
 def write_tar(path, samples):
     """Write samples with Python's tarfile, streaming to the file (not through our writer)."""
-    with open(path, "wb") as f, tarfile.open(fileobj=f, mode="w|", format=tarfile.GNU_FORMAT) as tar:
-        for sample in samples:
-            for ext, value in sample.items():
-                if ext.startswith("__"):
-                    continue
-                info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
-                info.size = len(value)
-                info.mtime = 1600000000
-                info.mode = 0o644
-                tar.addfile(info, io.BytesIO(value))
-    return path
+    from tarproc.datagen import write_tar as datagen_write_tar
+
+    return datagen_write_tar(path, samples, compress=False)
 
 
 def count_samples(path):

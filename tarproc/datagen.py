@@ -61,25 +61,25 @@ def make_images(n, width=256, height=256, fmt="jpg", seed=0, quality=90):
 
 
 def write_tar(path, samples, compress=None):
-    """Write samples (dicts of key + bytes fields) to a tar with Python's tarfile, ustar headers."""
+    """Write samples (dicts of key + bytes fields) with Python's tarfile, streaming to the file.
+
+    gzip (by default for `.tgz`/`.tar.gz` names) has no file name and mtime 0 in its header, so
+    the same samples give the same bytes.
+    """
     compress = compress if compress is not None else path.endswith((".tgz", ".tar.gz"))
-    raw = io.BytesIO()
-    with tarfile.open(fileobj=raw, mode="w", format=tarfile.GNU_FORMAT) as tar:
-        for sample in samples:
-            for ext, value in sample.items():
-                if ext.startswith("__"):
-                    continue
-                info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
-                info.size = len(value)
-                info.mtime = 1600000000
-                info.mode = 0o644
-                tar.addfile(info, io.BytesIO(value))
-    data = raw.getvalue()
-    if compress:
-        data = gzip.compress(data, mtime=0)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "wb") as stream:
-        stream.write(data)
+    with open(path, "wb") as raw:
+        stream = gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) if compress else raw
+        with stream, tarfile.open(fileobj=stream, mode="w|", format=tarfile.GNU_FORMAT) as tar:
+            for sample in samples:
+                for ext, value in sample.items():
+                    if ext.startswith("__"):
+                        continue
+                    info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
+                    info.size = len(value)
+                    info.mtime = 1600000000
+                    info.mode = 0o644
+                    tar.addfile(info, io.BytesIO(value))
     return path
 
 
