@@ -18,8 +18,8 @@ The pieces:
   temp disk, k-way merge them back (bounded fan-in);
 - :func:`group_reduce` -- apply `reduce_samples(key, samples)` to each run of equal keys (used
   for the final reduce and for the combiner inside map tasks);
-- :func:`write_run` / :func:`read_run` -- the intermediate tar format (order and original key
-  kept in one private field, member names made unique so equal keys never merge).
+- :func:`write_run` / :func:`read_run` -- the intermediate tar format (batches of msgpack records
+  holding each sample's order, original key and fields, so equal keys never merge).
 """
 
 from __future__ import annotations
@@ -42,11 +42,11 @@ from .errors import TarprocError
 __all__ = [
     "ReshardError", "Ordering", "Dealer", "RangePartitioner", "ExternalSorter", "reservoir",
     "choose_boundaries", "group_reduce", "merge_runs", "write_run", "read_run", "parse_size",
-    "load_script", "apply_mapper", "sample_nbytes", "ORDER_FIELD",
+    "load_script", "apply_mapper", "sample_nbytes", "RUN_FIELD",
 ]
 
-#: The private field of intermediate tar files: "src pos sub" order and the original key.
-ORDER_FIELD = "tps"  # the one member per sample of intermediate runs
+#: The field (member extension) of the batch members of intermediate run files.
+RUN_FIELD = "tpb"
 #: Most sorted streams merged at once; more are merged in several passes through temp runs.
 DEFAULT_FANIN = 64
 #: Rough per-sample overhead of a dict of bytes in memory, for the memory estimate.
@@ -71,17 +71,19 @@ def parse_size(text):
 
 def sample_nbytes(sample):
     """Approximate memory held by a sample (payload plus Python object overhead)."""
-    n = SAMPLE_OVERHEAD
+    n = SAMPLE_OVERHEAD + FIELD_OVERHEAD * len(sample)
     for value in sample.values():
-        if isinstance(value, (bytes, str)):
-            n += len(value) + FIELD_OVERHEAD
-        else:
-            n += FIELD_OVERHEAD
+        if value.__class__ is bytes or value.__class__ is str:
+            n += len(value)
     return n
 
 
 # ---------------------------------------------------------------------------------------------
 # ordering
+
+
+_SHUFFLE_HASHERS = {}  # seed bytes -> blake2b primed with the seed, copied per sample
+_SRC_POS = struct.Struct("<qq")
 
 
 def _reverse_text(text):
@@ -165,12 +167,23 @@ class Ordering:
 
     def shuffle_key(self, src, pos):
         """A stable 64-bit random key for the sample at (source shard, position)."""
-        h = hashlib.blake2b(self._seed_bytes, digest_size=8, person=b"tarproc-shuffle")
-        h.update(struct.pack("<qq", src, pos))
+        base = _SHUFFLE_HASHERS.get(self._seed_bytes)
+        if base is None:
+            base = _SHUFFLE_HASHERS[self._seed_bytes] = hashlib.blake2b(
+                self._seed_bytes, digest_size=8, person=b"tarproc-shuffle")
+        h = base.copy()  # a third faster than a new keyed hasher per sample
+        h.update(_SRC_POS.pack(src, pos))
         return int.from_bytes(h.digest(), "big")
 
     def order_key(self, sample):
-        """The full order key of a sample that carries `__order__` = (src, pos, sub)."""
+        """The full order key of a sample that carries `__order__` = (src, pos, sub).
+
+        A key computed before is kept in the sample's `__okey__` (and travels in intermediate
+        runs), so the merges of the reduce phase never hash or decode keys again.
+        """
+        okey = sample.get("__okey__")
+        if okey is not None:
+            return okey
         src, pos, sub = sample["__order__"]
         if self.mode == "shuffle":
             return (self.shuffle_key(src, pos), src, pos, sub)
@@ -180,6 +193,9 @@ class Ordering:
         """The encoded key that defines groups of equal keys for a reduce."""
         if self.mode == "shuffle":
             return self.order_key(sample)
+        okey = sample.get("__okey__")
+        if okey is not None:
+            return okey[0]
         return self.encode(self.key_value(sample))
 
 
@@ -221,7 +237,7 @@ class RangePartitioner:
         return bisect.bisect_right(self.encoded, encoded)
 
     def __call__(self, sample):
-        return self.partition_of(self.ordering.encode(self.ordering.key_value(sample)))
+        return self.partition_of(self.ordering.group_key(sample))
 
 
 def reservoir(iterable, size, seed=0):
@@ -279,79 +295,101 @@ def _tario():
     return tario
 
 
-_WIRE_HEAD = struct.Struct("<qqqII")  # order (src, pos, sub), key length, field count
-_WIRE_FIELD = struct.Struct("<II")  # name length, value length
+#: Records per batch member of an intermediate run, and its size target.
+_BATCH_RECORDS = 4096
+_BATCH_BYTES = 1 << 20
 
 
-def to_wire(sample, seq):
-    """The intermediate form of a sample: one tar member `SEQ.tps` holding the whole sample.
+def _msgpack():
+    import msgpack
 
-    Its bytes are the order (source shard, position, sub-position), the original key and every
-    field, length-prefixed: a third of the tar headers of one member per field for tiny
-    samples, and nothing to parse but lengths (no pickle, so a shared work location can never
-    make a reader run code).
+    return msgpack
+
+
+def _record(sample):
+    """A sample as one msgpack-able record: ``[order, src, pos, sub, key, name, value, ...]``.
+
+    ``order`` is the encoded sort key the job computed (``__okey__[0]``), or None when the
+    sample carries none; values are bytes (str fields are stored as UTF-8).
     """
     src, pos, sub = sample["__order__"]
-    key = sample["__key__"].encode("utf-8")
-    parts = [None, key]
-    n = 0
+    okey = sample.get("__okey__")
+    rec = [None if okey is None else okey[0], src, pos, sub, sample["__key__"]]
     for name, value in sample.items():
         if name[:2] == "__":
             continue
         if value.__class__ is not bytes:
             value = value.encode("utf-8") if isinstance(value, str) else bytes(value)
-        raw = name.encode("utf-8")
-        parts.append(_WIRE_FIELD.pack(len(raw), len(value)))
-        parts.append(raw)
-        parts.append(value)
-        n += 1
-    parts[0] = _WIRE_HEAD.pack(src, pos, sub, len(key), n)
-    return {"__key__": f"{seq:010d}", ORDER_FIELD: b"".join(parts)}
-
-
-def from_wire(wire, url=None):
-    """Inverse of :func:`to_wire`."""
-    try:
-        data = wire[ORDER_FIELD]
-        src, pos, sub, klen, n = _WIRE_HEAD.unpack_from(data, 0)
-        at = _WIRE_HEAD.size
-        out = {"__key__": data[at:at + klen].decode("utf-8"), "__order__": (src, pos, sub)}
-        at += klen
-        unpack = _WIRE_FIELD.unpack_from
-        size = _WIRE_FIELD.size
-        for _ in range(n):
-            nlen, vlen = unpack(data, at)
-            at += size
-            name = data[at:at + nlen].decode("utf-8")
-            at += nlen
-            out[name] = data[at:at + vlen]
-            at += vlen
-        if at != len(data):
-            raise ValueError("trailing bytes")
-    except (KeyError, ValueError, struct.error, UnicodeDecodeError):
-        raise ReshardError(f"{url}: not a tarproc intermediate file (member {wire.get('__key__')!r})") from None
-    return out
+        rec.append(name)
+        rec.append(value)
+    return rec
 
 
 def write_run(fileobj, samples):
-    """Write samples (in order) to an uncompressed intermediate tar; returns (count, payload bytes)."""
+    """Write samples (in order) to an uncompressed intermediate tar; returns (count, payload bytes).
+
+    The tar holds batch members ``SEQ.tpb``: msgpack arrays of up to 4096 records (~1 MB) with
+    each sample's order, original key and fields. One member per batch rather than per sample
+    keeps tar headers and per-member work out of the shuffle's way; msgpack (C, shipped with
+    Dask) packs and parses them without running any code, so a shared work location can never
+    make a reader execute something.
+    """
+    packb = _msgpack().Packer(use_bin_type=True, autoreset=True).pack
     writer = _tario().TarWriter(fileobj, compression=None)
-    count = nbytes = 0
+    count = nbytes = batches = 0
+    batch = []
+    held = 0
     for sample in samples:
-        wire = to_wire(sample, count)
-        writer.write(wire)
+        rec = _record(sample)
+        batch.append(rec)
         count += 1
-        for k, v in wire.items():
-            if k[:2] != "__":
-                nbytes += len(v)
+        for v in rec[6::2]:
+            held += len(v)
+        if len(batch) >= _BATCH_RECORDS or held >= _BATCH_BYTES:
+            data = packb(batch)
+            writer.write({"__key__": f"{batches:010d}", RUN_FIELD: data})
+            nbytes += len(data)
+            batches += 1
+            batch, held = [], 0
+    if batch:
+        data = packb(batch)
+        writer.write({"__key__": f"{batches:010d}", RUN_FIELD: data})
+        nbytes += len(data)
     writer.close()
     return count, nbytes
 
 
+def _records(batch, url, member):
+    try:
+        records = _msgpack().unpackb(batch, use_list=False, raw=False)
+        if records.__class__ is not tuple:
+            raise ValueError("not an array")
+        for rec in records:
+            enc, src, pos, sub, key = rec[:5]
+            sample = {"__key__": key, "__order__": (src, pos, sub)}
+            if enc is not None:
+                sample["__okey__"] = (enc, src, pos, sub)
+            i, n = 5, len(rec)
+            while i < n:
+                sample[rec[i]] = rec[i + 1]
+                i += 2
+            if key.__class__ is not str or n & 1 == 0:
+                raise ValueError("bad record")
+            yield sample
+    except (ValueError, TypeError, IndexError, _msgpack().UnpackException):
+        raise ReshardError(f"{url}: not a tarproc intermediate file (member {member!r})") from None
+
+
 def read_run(fileobj, url="<run>"):
-    """Yield the samples of an intermediate tar written by :func:`write_run`, in order."""
-    for wire in _tario().iter_samples(fileobj, url):
-        yield from_wire(wire, url)
+    """Yield the samples of an intermediate tar written by :func:`write_run`, in order.
+
+    Samples carry ``__order__`` and, when the writer had it, the order key ``__okey__``.
+    """
+    for member in _tario().iter_samples(fileobj, url):
+        batch = member.get(RUN_FIELD)
+        if batch is None:
+            raise ReshardError(f"{url}: not a tarproc intermediate file (member {member.get('__key__')!r})")
+        yield from _records(batch, url, member.get("__key__"))
 
 
 class _LocalRun:
@@ -425,8 +463,8 @@ class ExternalSorter:
     def add(self, sample):
         part = self.partition(sample) if self.partition is not None else 0
         sample["__part__"] = part
-        key = (part, self.ordering.order_key(sample))
-        self._buffer.append((key, sample))
+        okey = sample["__okey__"] = self.ordering.order_key(sample)
+        self._buffer.append(((part, okey), sample))
         self._held += sample_nbytes(sample) + 120
         self.count += 1
         if self._held >= self.memory:
@@ -563,6 +601,7 @@ def _reduce_outputs(reduce_fn, key, first, group, check):
     src, pos, _ = first["__order__"]
     for sub, out in enumerate(outputs):
         out.pop("__url__", None)
+        out.pop("__okey__", None)  # a copied input's key: this output's order is its own
         out["__order__"] = (src, pos, sub)
         if check is not None:
             check(out)
@@ -607,4 +646,5 @@ def group_reduce(samples, ordering, reduce_fn, keep_group_key=False):
 
 def _strip_private(sample):
     sample.pop("__part__", None)
+    sample.pop("__okey__", None)
     return sample

@@ -196,6 +196,38 @@ def test_run_roundtrip_keeps_duplicate_keys(tmp_path):
     assert back == samples
 
 
+def test_run_batches_keep_order_keys_and_every_field():
+    o = Ordering("shuffle", seed=5)
+    samples = list(numbered([{"__key__": f"k{i % 7}", "a": bytes([i % 256]) * (i % 300), "b": "t%d" % i}
+                             for i in range(10_000)], src=3))
+    for s in samples:
+        s["__okey__"] = o.order_key(s)
+    buf = io.BytesIO()
+    count, nbytes = reshard.write_run(buf, samples)
+    assert count == 10_000 and nbytes > 0
+    members = list(__import__("tarproc").tario.iter_samples(io.BytesIO(buf.getvalue())))
+    assert len(members) == 3  # 4096 records per batch member
+    back = list(reshard.read_run(io.BytesIO(buf.getvalue())))
+    assert [s["__okey__"] for s in back] == [o.order_key(dict(s, __okey__=None)) for s in samples]
+    assert back == [dict(s, b=s["b"].encode()) for s in samples]
+
+
+def test_run_reader_refuses_what_it_did_not_write():
+    from tarproc.tario import TarWriter
+
+    for payload in (b"\xc1garbage", b"\x93\x01\x02\x03", b""):
+        buf = io.BytesIO()
+        with TarWriter(buf) as w:
+            w.write({"__key__": "0000000000", reshard.RUN_FIELD: payload})
+        with pytest.raises(reshard.ReshardError, match="not a tarproc intermediate file"):
+            list(reshard.read_run(io.BytesIO(buf.getvalue()), "run.tar"))
+    buf = io.BytesIO()
+    with TarWriter(buf) as w:
+        w.write({"__key__": "0000000000", "jpg": b"x"})
+    with pytest.raises(reshard.ReshardError, match="run.tar"):
+        list(reshard.read_run(io.BytesIO(buf.getvalue()), "run.tar"))
+
+
 def test_merge_runs_with_small_fanin(tmp_path):
     rng = random.Random(3)
     streams = [sorted(rng.sample(range(10_000), 50)) for _ in range(20)]

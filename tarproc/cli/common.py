@@ -76,8 +76,21 @@ def add_job_options(parser):
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
 
 
+def prestart_if_local(args):
+    """Start the local cluster's fork server early when the job will run on a local cluster."""
+    if getattr(args, "cluster", None) is None:
+        from ..jobs.cluster import prestart_local
+
+        prestart_local()
+
+
 def job_kwargs(args):
-    """The driver options of a parsed command line, as keyword arguments for the job functions."""
+    """The driver options of a parsed command line, as keyword arguments for the job functions.
+
+    Without `-c`, the local cluster's fork server is started here, before Dask is imported, so
+    that its start-up overlaps the driver's (see cluster.prestart_local).
+    """
+    prestart_if_local(args)
     return {"cluster": args.cluster, "workers": args.workers, "retries": args.retries,
             "force": args.force, "speculation": not args.no_speculation,
             "progress": not args.quiet, "log_dir": args.log_dir}

@@ -7,7 +7,7 @@
 import argparse
 import sys
 
-from .common import add_cluster_options, report_job, run_main
+from .common import add_cluster_options, prestart_if_local, report_job, run_main
 
 PROG = "htls"
 
@@ -31,6 +31,8 @@ def build_parser():
 
 def main_body(argv=None):
     args = build_parser().parse_args(argv)
+    if args.samples:
+        prestart_if_local(args)
     from ..jobs.shardmap import list_shards
 
     report = list_shards(args.pattern, samples=args.samples, cluster=args.cluster, workers=args.workers,

@@ -8,7 +8,7 @@
 import argparse
 import sys
 
-from .common import add_job_options, run_main
+from .common import add_job_options, prestart_if_local, run_main
 
 EPILOG = """\
 Every sample lands in a uniformly random output shard, shard sizes are balanced, and each output
@@ -44,6 +44,7 @@ def add_io_arguments(parser):
 
 def job_kwargs(args):
     """Keyword arguments of the job functions that come from the shared options."""
+    prestart_if_local(args)
     return dict(cluster=args.cluster, workers=args.workers, workdir=args.workdir,
                 keep_work=args.keep_work, memory=args.memory, retries=args.retries,
                 force=args.force, speculation=not args.no_speculation, progress=not args.quiet,

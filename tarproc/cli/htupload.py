@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from .common import add_job_options, error_line, run_main
+from .common import add_job_options, error_line, prestart_if_local, run_main
 
 PROG = "htupload"
 
@@ -83,6 +83,7 @@ def _body(argv):
             print(f"{PROG}: shuffle seed {seed}", file=sys.stderr)
         return 0
 
+    prestart_if_local(args)
     result = upload_job.upload(
         sources, output, files=args.files, root=args.root, maxcount=args.maxcount,
         maxsize=args.maxsize, shuffle=args.shuffle, seed=args.seed, manifest=args.manifest,

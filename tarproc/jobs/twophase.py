@@ -51,7 +51,7 @@ __all__ = ["shuffle", "sort", "run_twophase", "ReshardResult", "UserCode", "Work
 #: Sort keys sampled per input shard (at least; more when there are many outputs per input).
 MIN_SAMPLE_PER_SHARD = 1000
 SAMPLE_PER_OUTPUT = 400
-FORMAT_VERSION = "tarproc-twophase-2"
+FORMAT_VERSION = "tarproc-twophase-3"
 
 
 class WorkdirError(TarprocError):
@@ -189,11 +189,17 @@ class _Counted:
         self.nbytes = 0
 
     def __iter__(self):
-        for sample in self.samples:
-            self.count += 1
-            self.nbytes += sum(len(v) for k, v in sample.items()
-                               if not k.startswith("__") and isinstance(v, bytes))
-            yield sample
+        count = nbytes = 0
+        try:
+            for sample in self.samples:
+                count += 1
+                for v in sample.values():  # __key__ and __url__ are str: only fields count
+                    if v.__class__ is bytes:
+                        nbytes += len(v)
+                yield sample
+        finally:
+            self.count += count
+            self.nbytes += nbytes
 
 
 def _mapped(plan, m, counter):
