@@ -73,7 +73,7 @@ class MapShard:
     def __call__(self, pair):
         in_url, out_url = pair
         log = io.StringIO()
-        counts = collections.Counter()
+        counts = {}
         unsafe = "skip" if self.errors == "skip" else "error"
         # a copy per task: worker threads may run several tasks at once, each with its own dirs
         runner = copy.copy(self.runner) if self.runner is not None else None
@@ -90,39 +90,48 @@ class MapShard:
     def _run(self, runner, in_url, out_url, unsafe, counts, log):
         from ..errors import SampleFailed, UnsafeNameError
 
-        with _Warnings() as caught:
-            samples = iter_samples(in_url, strict=self.strict, unsafe=unsafe)
-            with SampleWriter(out_url) as sink:
-                write = sink.write
-                for index, sample in enumerate(samples):
-                    counts["in"] += 1
-                    counts["bytes"] += sum(len(v) for v in sample.values() if v.__class__ is bytes)
-                    if runner is None:
-                        write(sample)
-                        continue
-                    try:
-                        result = runner.run(sample, index)
-                    except (SampleFailed, UnsafeNameError) as exc:
-                        if self.errors == "abort":
-                            raise
-                        log.write(f"{self.errors}: {exc}\n")
-                        tail = getattr(exc, "stderr_tail", "")
-                        if tail:
-                            log.write(tail.rstrip() + "\n")
-                        counts["failed"] += 1
-                        if self.errors == "keep":
+        n_in = nbytes = dropped = skipped = kept = 0
+        try:
+            with _Warnings() as caught:
+                samples = iter_samples(in_url, strict=self.strict, unsafe=unsafe)
+                with SampleWriter(out_url) as sink:
+                    write = sink.write
+                    run = runner.run if runner is not None else None
+                    for sample in samples:
+                        for v in sample.values():  # key and url are str: only fields count
+                            if v.__class__ is bytes:
+                                nbytes += len(v)
+                        index, n_in = n_in, n_in + 1
+                        if run is None:
                             write(sample)
-                            counts["kept"] += 1
+                            continue
+                        try:
+                            result = run(sample, index)
+                        except (SampleFailed, UnsafeNameError) as exc:
+                            if self.errors == "abort":
+                                raise
+                            log.write(f"{self.errors}: {exc}\n")
+                            tail = getattr(exc, "stderr_tail", "")
+                            if tail:
+                                log.write(tail.rstrip() + "\n")
+                            if self.errors == "keep":
+                                write(sample)
+                                kept += 1
+                            else:
+                                skipped += 1
+                            continue
+                        if result.stderr:
+                            log.write(result.stderr.decode("utf-8", "replace"))
+                        outputs = result.outputs
+                        if outputs:
+                            for out in outputs:
+                                write(out)
                         else:
-                            counts["skipped"] += 1
-                        continue
-                    if result.stderr:
-                        log.write(result.stderr.decode("utf-8", "replace"))
-                    for out in result.outputs:
-                        write(out)
-                    if not result.outputs:
-                        counts["dropped"] += 1
-        log.write(caught.text())
+                            dropped += 1
+            log.write(caught.text())
+        finally:
+            counts.update({"in": n_in, "bytes": nbytes, "dropped": dropped, "skipped": skipped,
+                           "kept": kept})
         return sink
 
 

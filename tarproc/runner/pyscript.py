@@ -78,14 +78,14 @@ def _fail(msg, key, status="badresult"):
     return SampleFailed(msg, key=key, status=status)
 
 
-def _one(result, in_key, url, allow_default_key):
+def _one(result, in_key, url, allow_default_key, owned=False):
     if not isinstance(result, dict):
         raise _fail(
             f"sample {in_key!r}: process_sample returned a list holding "
             f"{type(result).__name__}, not dict",
             in_key,
         )
-    out = dict(result)
+    out = result if owned else dict(result)  # never change a dict the caller may still hold
     key = out.get("__key__")
     if key is None:
         if not allow_default_key:
@@ -133,14 +133,18 @@ def _one(result, in_key, url, allow_default_key):
     return out
 
 
-def normalize_result(result, in_sample):
-    """Turn what process_sample returned into a list of output samples (see module doc)."""
+def normalize_result(result, in_sample, owned=None):
+    """Turn what process_sample returned into a list of output samples (see module doc).
+
+    ``owned`` is a dict the caller made for this call only (the copy it passed to the user's
+    function): if that is what came back, it is used as is instead of being copied again.
+    """
     in_key = in_sample.get("__key__")
     url = in_sample.get("__url__")
     if result is None:
         return []
     if isinstance(result, dict):
-        return [_one(result, in_key, url, True)]
+        return [_one(result, in_key, url, True, result is owned)]
     if isinstance(result, (list, tuple)):
         single = len(result) == 1
         return [_one(r, in_key, url, single) for r in result]
@@ -229,8 +233,9 @@ class PythonRunner:
             out.take(), err.take()
         saved_out, saved_err = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = out, err
+        arg = dict(sample)
         try:
-            result = fn(dict(sample))
+            result = fn(arg)
         except Exception as exc:
             sys.stdout, sys.stderr = saved_out, saved_err
             key = sample.get("__key__")
@@ -254,7 +259,7 @@ class PythonRunner:
                 sys.stdout, sys.stderr = saved_out, saved_err
         stdout, stderr = out.take(), err.take()
         try:
-            outputs = normalize_result(result, sample)
+            outputs = normalize_result(result, sample, arg)
         except (SampleFailed, UnsafeNameError) as exc:
             exc.stdout, exc.stderr = stdout, stderr
             raise
