@@ -15,6 +15,8 @@ One run prints a side-by-side table with PASS/MISS against each target:
       --stats "seconds", which leaves out cluster start and stop) and the time of starting and
       stopping a 2-worker local cluster alone are reported separately.
       Targets: >= 1.7x the single loop's speed, and faster than dask.bag.
+      Informational: the same job with -c on an already running `dask scheduler` with 2
+      single-thread `dask worker` processes (no cluster start in the command).
   (F) Job overhead: 200 empty shards (valid tars with no samples) through htmapper; shards/s and
       total seconds. Target: "a few seconds" (we check <= 5 s for the job, excluding start-up).
 
@@ -114,11 +116,12 @@ def make_shards(directory, shards, samples):
     return paths
 
 
-def run_htmapper(tmp, mapper, pattern, out_dir, out_pattern, workers):
+def run_htmapper(tmp, mapper, pattern, out_dir, out_pattern, workers, address=None):
     shutil.rmtree(out_dir, ignore_errors=True)
     os.makedirs(out_dir)
     stats = os.path.join(tmp, "stats.json")
-    run = sh(tool("htmapper") + ["-q", "-j", str(workers), "-p", mapper, "--no-speculation",
+    where = ["-c", address] if address else ["-j", str(workers)]
+    run = sh(tool("htmapper") + ["-q"] + where + ["-p", mapper, "--no-speculation",
                                  "--stats", stats, pattern, os.path.join(out_dir, out_pattern)])
     with open(stats) as f:
         data = json.load(f)
@@ -192,6 +195,20 @@ def main():
         table.row("E", "  htmapper job only (--stats seconds)", None, None,
                   f"{h.job_seconds:.2f} s = {n / h.job_seconds:,.0f} samples/s = "
                   f"{med['single'].wall / h.job_seconds:.2f}x single (informational)")
+        log(f"(E) the same with -c: a running dask scheduler and {args.workers} single-thread workers")
+        sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+        from dask_fixtures import DaskProcesses
+
+        procs = DaskProcesses(n_workers=args.workers)
+        try:
+            c_runs = [run_htmapper(tmp, mapper, pattern, out_dir, "o-@%04d.tar" % args.shards, args.workers,
+                                   address=procs.address) for _ in range(args.repeat)]
+        finally:
+            procs.close()
+        c = median_run(c_runs)
+        table.row("E", f"htmapper -c SCHEDULER ({args.workers} running workers), whole command", c, n,
+                  f"{med['single'].wall / c.wall:.2f}x single; job {c.job_seconds:.2f} s = "
+                  f"{med['single'].wall / c.job_seconds:.2f}x single (informational)")
         speed = med["single"].wall / h.wall
         table.verdict(f"(E) htmapper -j {args.workers}: {speed:.2f}x the single loop, start-up included "
                       f"(target >= 1.7x)", speed >= 1.7)
