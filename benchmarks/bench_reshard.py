@@ -15,8 +15,10 @@ shards). Engines, each in a fresh process on the same machine:
 - spark: pyspark `local[2]`, `repartitionAndSortWithinPartitions` / `sortByKey`, partitions
   written as tar with tarproc's writer.
 
-Wall time, samples/s and peak RSS of the whole process tree (sampled every 50 ms with psutil)
-are printed as a Markdown table. Engines that are not installed are reported as skipped.
+Wall time, samples/s, and the peaks of the whole process tree's summed RSS and summed PSS (sampled
+every 50 ms with psutil) are printed as a Markdown table. Summed RSS counts pages that forked
+processes share once per process; summed PSS counts them once in all, so it is the tree's real
+memory. Engines that are not installed are reported as skipped.
 
     python benchmarks/bench_reshard.py [--workdir DIR] [--engines tarproc,dask,ray,spark]
         [--datasets tiny,imagenet] [--ops shuffle,sort]
@@ -172,7 +174,12 @@ NEEDS = {"tarproc": "distributed", "dask": "dask.bag", "ray": "ray", "spark": "p
 
 
 def measure(cmd, env):
-    """Run cmd; return (seconds, peak RSS in bytes of the process and all its descendants)."""
+    """Run cmd; return (seconds, peak RSS, peak PSS, returncode, stderr) of the process tree.
+
+    RSS summed over processes counts a page shared by several of them (forked workers, a fork
+    server) once per process; PSS splits each shared page between its sharers, so its sum is the
+    memory the tree really holds. Both are sampled every 50 ms with psutil.
+    """
     import psutil
 
     import tempfile
@@ -181,24 +188,27 @@ def measure(cmd, env):
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=errfile)
     ps = psutil.Process(proc.pid)
-    peak = 0
+    peak = peak_pss = 0
     while proc.poll() is None:
-        total = 0
+        rss = pss = 0
         try:
             procs = [ps] + ps.children(recursive=True)
         except psutil.Error:
             procs = []
         for p in procs:
             try:
-                total += p.memory_info().rss
+                info = p.memory_full_info()
             except psutil.Error:
-                pass
-        peak = max(peak, total)
+                continue
+            rss += info.rss
+            pss += getattr(info, "pss", info.rss)
+        peak = max(peak, rss)
+        peak_pss = max(peak_pss, pss)
         time.sleep(0.05)
     seconds = time.monotonic() - t0
     errfile.seek(0)
     err = errfile.read().decode(errors="replace")
-    return seconds, peak, proc.returncode, err
+    return seconds, peak, peak_pss, proc.returncode, err
 
 
 def count_out(outdir):
@@ -242,14 +252,14 @@ def main(argv=None):
         for op in args.ops.split(","):
             for engine in args.engines.split(","):
                 if not available(engine):
-                    rows.append((dataset, op, engine, None, None, None, "not installed"))
+                    rows.append((dataset, op, engine, None, None, None, None, "not installed"))
                     continue
                 outdir = os.path.join(args.workdir, "out", f"{dataset}-{op}-{engine}")
                 shutil.rmtree(outdir, ignore_errors=True)
                 os.makedirs(outdir)
                 cmd = [sys.executable, os.path.abspath(__file__), "--run", engine, op, indir,
                        outdir]
-                seconds, peak, rc, err = measure(cmd, env)
+                seconds, peak, pss, rc, err = measure(cmd, env)
                 note = ""
                 if rc != 0:
                     note = "failed: " + (err.strip().splitlines() or ["?"])[-1][:120]
@@ -258,17 +268,17 @@ def main(argv=None):
                     if got != n:
                         note = f"wrong count {got}"
                 rows.append((dataset, op, engine, seconds, n / seconds if not note else None,
-                             peak, note))
-                print(f"{dataset:9} {op:8} {engine:8} {seconds:7.1f} s  peak {peak / 1e6:7.0f} MB"
-                      f"  {note}", file=sys.stderr, flush=True)
+                             peak, pss, note))
+                print(f"{dataset:9} {op:8} {engine:8} {seconds:7.1f} s  peak RSS {peak / 1e6:7.0f} MB"
+                      f"  PSS {pss / 1e6:7.0f} MB  {note}", file=sys.stderr, flush=True)
                 shutil.rmtree(outdir, ignore_errors=True)
 
-    print("| data | op | engine | wall s | samples/s | peak RSS MB | note |")
-    print("| --- | --- | --- | ---: | ---: | ---: | --- |")
-    for d, op, e, s, rate, peak, note in rows:
+    print("| data | op | engine | wall s | samples/s | peak RSS MB | peak PSS MB | note |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | --- |")
+    for d, op, e, s, rate, peak, pss, note in rows:
         fmt = lambda v, f: f.format(v) if v is not None else "-"  # noqa: E731
         print(f"| {d} | {op} | {e} | {fmt(s, '{:.1f}')} | {fmt(rate, '{:.0f}')} | "
-              f"{fmt(peak and peak / 1e6, '{:.0f}')} | {note} |")
+              f"{fmt(peak and peak / 1e6, '{:.0f}')} | {fmt(pss and pss / 1e6, '{:.0f}')} | {note} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
