@@ -12,8 +12,9 @@ the ceiling:
 The shards live in /dev/shm when it exists (so the disk is not measured), the copies are written
 to /dev/null by default (the tar bytes are still fully produced; ``--out DIR`` writes real files)
 so that they compare with `cat > /dev/null`. Prints samples/s and MB/s (of the input tar) side by
-side; each figure is the best of a few runs (webdataset: one run, it is slow).
-Usage: python benchmarks/bench_tario.py [--tiny N] [--large N] [--dir DIR] [--out DIR]
+side; each figure is the best of a few runs (``--repeat``, default 5; webdataset: one run, it is
+slow). On a busy machine more repeats give cat and tarproc alike a better chance of a quiet moment.
+Usage: python benchmarks/bench_tario.py [--tiny N] [--large N] [--dir DIR] [--out DIR] [--repeat N]
 """
 
 import argparse
@@ -105,6 +106,7 @@ def main():
     ap.add_argument("--dir", default="/dev/shm" if os.path.isdir("/dev/shm") else None, help="where to put the input shards")
     ap.add_argument("--out", default=None, help="write the copies to files in this directory (default /dev/null)")
     ap.add_argument("--no-webdataset", action="store_true", help="skip the (slow) webdataset runs")
+    ap.add_argument("--repeat", type=int, default=5, help="runs of cat and of tarproc, the best taken (default 5)")
     ap.add_argument(
         "--wds-tiny",
         type=int,
@@ -120,7 +122,7 @@ def main():
             (f"(a) {args.large:,} JPEG-sized (~100 KB)", "large.tar", make_large, args.large),
             (f"(b) {args.tiny:,} tiny (.cls+.txt)", "tiny.tar", make_tiny, args.tiny),
         ]
-        tools = [("cat > /dev/null", cat, 5), ("tarproc.tario", copy_tarproc, 5)]
+        tools = [("cat > /dev/null", cat, args.repeat), ("tarproc.tario", copy_tarproc, args.repeat)]
         if not args.no_webdataset:
             tools.append(("webdataset", copy_webdataset, 1))
         rows = []

@@ -126,6 +126,11 @@ class _PrefixedReader(io.RawIOBase):
             return data
         return self._raw.read(n)
 
+    def direct_read(self):
+        """The underlying stream's ``read`` once the prefix is used up (reading from this
+        stream is then the same, with one Python call less), else None."""
+        return None if self._prefix else self._raw.read
+
     def readinto(self, b):
         if not self._prefix:
             raw_readinto = getattr(self._raw, "readinto", None)
@@ -304,9 +309,15 @@ class _DecompressingReader(io.RawIOBase):
         return data
 
     def readinto(self, b):
-        data = self.read(len(b))
-        b[: len(data)] = data
-        return len(data)
+        # Straight from the decompressed output into b, without an intermediate slice.
+        if self._outpos >= len(self._out):
+            if not self._produce():
+                return 0
+        pos = self._outpos
+        n = min(len(b), len(self._out) - pos)
+        b[:n] = memoryview(self._out)[pos : pos + n]
+        self._outpos = pos + n
+        return n
 
 
 def open_decompressed(fileobj, url="-"):

@@ -2,7 +2,8 @@
 
 Python's ``tarfile`` keeps every header it has seen (about 1 GB per million members) and spends
 tens of microseconds per member; this reader keeps nothing but a read buffer, reads in large
-chunks, and slices small members out of the buffer without further system calls.
+chunks, and slices small members out of the buffer without further system calls. Large members
+(64 KiB and more) are read by the stream straight into the bytes objects it yields.
 
 Formats: ustar (with its prefix field), GNU (``././@LongLink`` long names, base-256 sizes), pax
 (per-member ``path`` and ``size``; global headers are ignored) and old v7 headers.
@@ -26,6 +27,10 @@ from .names import is_meta_name, split_name, unsafe_reason
 __all__ = ["iter_members", "iter_samples", "iter_raw_samples", "decode_raw_sample", "TarioWarning"]
 
 _CHUNK = 1 << 20  # bytes asked of the underlying stream per read
+_BIG = 1 << 16  # members at least this large are read straight into their own bytes object
+_DIRECT_RUN = 16  # after a large member, this many smaller ones at most are read in direct mode
+_AHEAD_MAX = 16 << 10  # read-ahead after a large member in direct mode, at most
+_EMPTY = b""  # an empty buffer
 _MAX_META = 16 << 20  # largest pax / GNU long-name header accepted
 _MAX_WARNINGS = 10  # per stream and kind, then one "further ... not reported" warning
 
@@ -46,8 +51,8 @@ class TarioWarning(UserWarning):
     """Something in a tar stream was skipped or looks wrong, but reading went on."""
 
 
-def _warn(message):
-    warnings.warn(message, TarioWarning, stacklevel=3)
+def _warn(message, stacklevel=3):
+    warnings.warn(message, TarioWarning, stacklevel=stacklevel)
 
 
 def _octal(field):
@@ -131,20 +136,51 @@ def iter_members(fileobj, url="-", max_member_size=None, *, unsafe="error"):
     if unsafe not in ("error", "skip"):
         raise ValueError(f"unsafe must be 'error' or 'skip', not {unsafe!r}")
     stream = open_decompressed(fileobj, url)
-    yield from _members(stream.read, getattr(stream, "readinto", None), url, max_member_size, unsafe)
+    yield from _members(
+        stream.read, getattr(stream, "readinto", None), url, max_member_size, unsafe,
+        direct_read=getattr(stream, "direct_read", None),
+    )
 
 
-def _members(read, readinto, url, max_member_size, unsafe, buf=b"", base=0):
+def _members(read, readinto, url, max_member_size, unsafe, buf=b"", base=0, direct_read=None,
+             samples=False, strict=False):
     """The body of ``iter_members`` on an opened (uncompressed) stream's ``read``/``readinto``.
 
     With ``read=None``, parse the tar members held in ``buf`` (bytes-like) alone, reporting
     offsets from ``base``: how workers decode the raw samples of ``iter_raw_samples``.
+    ``direct_read()``, if given, returns a faster equivalent of ``read`` once there is one
+    (the underlying stream's own, once a prefix is used up), else None. With ``samples=True``
+    the members are grouped and the samples yielded: the body of ``iter_samples`` (``strict``
+    is its argument), in one generator rather than two for speed.
     """
     # Chunks are read into two reused buffers in turn (the previous one may still hold the
     # start of a member that straddles chunks): no allocation, no fresh pages per chunk.
-    spare = (bytearray(_CHUNK), bytearray(_CHUNK)) if readinto is not None else None
+    # Large members are the exception: copying them out of a chunk costs about as much again
+    # as reading them. So after a large member ("direct" mode, left after _DIRECT_RUN smaller
+    # members in a row) the stream is read no further than the parser needs: a large member's
+    # data is read by the stream straight into the bytes object that is yielded, then its
+    # padding and the next header; a small member's data with its padding and the next header.
+    # The underlying stream's own buffering (io.BufferedReader) keeps those reads cheap.
+    spare = [None, None] if readinto is not None else None  # allocated when first needed
     flip = 0
-    buf = memoryview(buf)  # the current chunk of the stream
+    direct = 0  # > 0: direct mode, for at most this many more members smaller than _BIG
+    xread = None  # the read of direct mode
+    big_end = 0  # stream offset where the last large member (with its padding) ended
+    last_gap = 0  # bytes from there to the next large member's data, the last time
+    ahead = 512  # bytes to read after a large member's data in direct mode
+    # grouping (samples=True)
+    sample = None
+    key = None
+    blocks = None
+    if samples:
+        seen = _SeenKeys()
+        slots = seen._slots  # seen.add(k), inline (see _SeenKeys.add)
+        mask = seen._mask
+        nseen = 0
+    nsplit = 0
+    nnokey = 0
+    limit = (1 << 64) if max_member_size is None else max_member_size  # in the fast lane
+    buf = buf if buf.__class__ is bytes else memoryview(buf)  # the current chunk of the stream
     pos = 0  # read position in buf
     eof = read is None
     last = None  # name of the last member read, for error messages
@@ -159,25 +195,55 @@ def _members(read, readinto, url, max_member_size, unsafe, buf=b"", base=0):
         Copies only the bytes asked for: a member that straddles two chunks is joined from
         views of both, and the new chunk becomes the current one.
         """
-        nonlocal buf, pos, base, eof, flip
+        nonlocal buf, pos, base, eof, flip, xread
         have = len(buf) - pos
         if have >= n:
             pos += n
-            return buf[pos - n : pos].tobytes() if keep else n
+            return bytes(buf[pos - n : pos]) if keep else n
         parts = [buf[pos:]] if (have and keep) else []
         base += len(buf)
-        buf, pos = memoryview(b""), 0
+        buf, pos = _EMPTY, 0
         first = True
+        if direct:
+            # Direct mode: ask for exactly what is missing; a data read that gets it all in one
+            # go is returned as it is, without a copy. Skipped bytes are read in bounded pieces.
+            if xread is None:
+                xread = (direct_read() if direct_read is not None else None) or read
+            while have < n and not eof:
+                want = n - have
+                chunk = xread(want if keep or want <= _CHUNK else _CHUNK)
+                if not chunk:
+                    eof = True
+                    break
+                if len(chunk) > want:  # more than asked: keep the rest as the current chunk
+                    chunk = memoryview(chunk)
+                    if keep:
+                        parts.append(chunk[:want])
+                    buf, pos = chunk, want
+                    have = n
+                    break
+                if keep:
+                    parts.append(chunk)
+                have += len(chunk)
+                base += len(chunk)
+            if not keep:
+                return have
+            if len(parts) == 1 and parts[0].__class__ is bytes:
+                return parts[0]
+            return b"".join(parts)
         while have < n and not eof:
             want = n - have
             if first and spare is not None and want <= _CHUNK:
                 chunk = spare[flip]
+                if chunk is None:
+                    chunk = spare[flip] = bytearray(_CHUNK)
                 flip ^= 1
                 got = readinto(chunk)
                 chunk = memoryview(chunk)[:got] if got else None
             else:
                 # Later reads of the same take get fresh memory: both buffers may be in use.
-                chunk = read(want if want > _CHUNK else _CHUNK)
+                # Skipped bytes are read in bounded pieces, whatever their size.
+                chunk = read(want if (want > _CHUNK and keep) else _CHUNK)
                 chunk = memoryview(chunk) if chunk else None
             first = False
             if chunk is None:
@@ -197,6 +263,48 @@ def _members(read, readinto, url, max_member_size, unsafe, buf=b"", base=0):
             return have
         return b"".join(parts)
 
+    def fetch(size, padded, offset, name):
+        """The data of the member ``name`` (its header at ``offset``) that starts at pos but
+        is not all in buf; its padding is skipped too."""
+        nonlocal buf, pos, base, xread
+        data = None
+        if direct and pos == len(buf) and not eof:
+            # Direct mode, with the chunk used up: see above.
+            if xread is None:
+                xread = (direct_read() if direct_read is not None else None) or read
+            base += len(buf)
+            buf, pos = _EMPTY, 0
+            if size >= _BIG:
+                got = xread(size)
+                if got.__class__ is bytes and len(got) == size:
+                    data = got
+                    base += size
+                    got = xread(padded - size + ahead)
+                if got:
+                    buf = got if got.__class__ is bytes else memoryview(got)
+            else:
+                got = xread(padded + 512)
+                if got:
+                    buf = got if got.__class__ is bytes else memoryview(got)
+        if data is not None:  # a large member read directly; its padding is next
+            pad = padded - size
+            if pad:
+                if len(buf) >= pad:
+                    pos = pad
+                elif take(pad, keep=False) < pad:
+                    raise FormatError(f"{where(offset, name)}: truncated archive: the stream ends inside the member")
+        elif len(buf) - pos >= padded:
+            data = buf[pos : pos + size]
+            if data.__class__ is not bytes:  # buf: bytes, or a view of a chunk
+                data = data.tobytes()
+            pos += padded
+        else:
+            data = take(size)
+            pad = padded - size
+            if len(data) < size or (pad and take(pad, keep=False) < pad):
+                raise FormatError(f"{where(offset, name)}: truncated archive: the stream ends inside the member")
+        return data
+
     def where(offset, name=None):
         if name is not None:
             return f"{url}: member {name!r} at offset {offset}"
@@ -205,10 +313,128 @@ def _members(read, readinto, url, max_member_size, unsafe, buf=b"", base=0):
         return f"{url}: at offset {offset} (after member {last!r})"
 
     while True:
+        # --- fast lane (samples): members with TarWriter's plain headers, safe names ---
+        # The common case, in a loop of its own: it takes what the general path below reads
+        # the same way and with nothing to report (see the fast path there), and leaves
+        # everything else, from the header on, to the general path.
+        if samples and long_name is None and pax is None:
+            while len(buf) - pos >= 512:
+                block = buf[pos : pos + 512]
+                if block.__class__ is not bytes:  # buf: bytes, or a view of a chunk
+                    block = block.tobytes()
+                nul = block.find(0, 0, 100)
+                if nul <= 0 or block[135] or not block.endswith(_PLAIN_TAIL):
+                    break
+                size_field = block[124:135]
+                try:
+                    size = int(size_field, 8)
+                except ValueError:
+                    break
+                if size < 0 or size > limit or block[148:156] != b"%06o\x00 " % ((_adler32(block[:148]) & 0xFFFF) + _TAIL_REST):
+                    break
+                name = block[:nul].decode("utf-8", "surrogateescape")
+                if name[0] in "/_" or ".." in name or not name.isprintable():
+                    break  # unsafe, or __meta__ perhaps: the general path decides
+                slash = name.rfind("/")
+                dot = name.find(".", slash + 1)
+                if dot <= slash + 1:
+                    break
+                k = name[:dot]
+                ext = name[dot + 1 :]
+                if k == key:
+                    if ext in sample:
+                        break
+                else:
+                    h = hash(k) or 1
+                    i = h & mask
+                    v = slots[i]
+                    while v and v != h:
+                        i = (i + 1) & mask
+                        v = slots[i]
+                    if v:
+                        break  # a split sample
+                # the member is the lane's
+                offset = base + pos
+                pos += 512
+                padded = (size + 511) & ~511
+                if size >= _BIG:
+                    direct = _DIRECT_RUN
+                    gap = offset + 512 - big_end
+                    ahead = gap if gap == last_gap and gap <= _AHEAD_MAX else 512
+                    last_gap = gap
+                    big_end = offset + 512 + padded
+                elif direct:
+                    direct -= 1
+                if len(buf) - pos >= padded:
+                    data = buf[pos : pos + size]
+                    if data.__class__ is not bytes:  # buf: bytes, or a view of a chunk
+                        data = data.tobytes()
+                    pos += padded
+                elif size >= _BIG and pos == len(buf) and xread is not None and not eof:
+                    # fetch() in direct mode, inline: the data, then its padding and what is ahead
+                    base += len(buf)
+                    buf, pos = _EMPTY, 0
+                    data = xread(size)
+                    if data.__class__ is bytes and len(data) == size:
+                        base += size
+                        got = xread(padded - size + ahead)
+                        if got:
+                            buf = got if got.__class__ is bytes else memoryview(got)
+                        pad = padded - size
+                        if len(buf) >= pad:
+                            pos = pad
+                        elif take(pad, keep=False) < pad:
+                            raise FormatError(f"{where(offset, name)}: truncated archive: the stream ends inside the member")
+                    else:  # a short read: as fetch() goes on
+                        if data:
+                            buf = data if data.__class__ is bytes else memoryview(data)
+                        data = take(size)
+                        pad = padded - size
+                        if len(data) < size or (pad and take(pad, keep=False) < pad):
+                            raise FormatError(f"{where(offset, name)}: truncated archive: the stream ends inside the member")
+                else:
+                    data = fetch(size, padded, offset, name)
+                last = name
+                if k != key:
+                    if sample is not None:
+                        if blocks is not None:
+                            _last_read[0] = (sample, tuple(sample), tuple(sample.values()), blocks)
+                        try:
+                            yield sample
+                        finally:
+                            _last_read[0] = None
+                    slots[i] = h
+                    nseen += 1
+                    if nseen * 2 > mask:
+                        seen._count = nseen
+                        seen._grow()
+                        slots = seen._slots
+                        mask = seen._mask
+                    key = k
+                    sample = {"__key__": k, "__url__": url}
+                    blocks = []
+                    prev = ""
+                sample[ext] = data
+                if blocks is not None:
+                    if (
+                        ext > prev
+                        and ext[0] != "_"
+                        and block[nul:124] == _NAME_PAD_MODE[nul]
+                        and block[136:148] == _PLAIN_MTIME
+                        and size_field.isdigit()
+                        and name.isascii()
+                    ):
+                        blocks.append(block)
+                        prev = ext
+                    else:
+                        blocks = None
+
         # --- header block ---
         offset = base + pos
         if len(buf) - pos >= 512:
-            block = buf[pos : pos + 512].tobytes()
+            block = buf[pos : pos + 512]
+            if block.__class__ is not bytes:  # buf: bytes, or a view of a chunk
+                block = block.tobytes()
             pos += 512
         else:
             block = take(512)
@@ -218,7 +444,7 @@ def _members(read, readinto, url, max_member_size, unsafe, buf=b"", base=0):
                         raise FormatError(
                             f"{where(offset)}: truncated archive: extended header without its member"
                         )
-                    return
+                    break  # the stream ends (eof): nothing follows to check
                 if offset == 0:
                     raise FormatError(
                         f"{url}: not a tar archive ({len(block)} bytes, shorter than one tar header)"
@@ -226,73 +452,94 @@ def _members(read, readinto, url, max_member_size, unsafe, buf=b"", base=0):
                 raise FormatError(f"{where(offset)}: truncated archive: the stream ends inside a header")
         if block == _ZERO_BLOCK:
             break
-        if not _checksum_ok(block):
-            if offset == 0:
-                raise FormatError(f"{url}: not a tar archive (no valid tar header at offset 0)")
-            raise FormatError(f"{where(offset)}: bad tar header checksum")
-        typeflag = block[156:157]
-
-        # --- name ---
-        if long_name is not None:
-            name = long_name
-            long_name = None
-        else:
-            nul = block.find(0, 0, 100)
-            raw = block[:nul] if nul >= 0 else block[:100]
-            if block[345] != 0 and block[257:263] == _POSIX_MAGIC:
-                prefix = block[345:500]
-                nul = prefix.find(0)
-                if nul >= 0:
-                    prefix = prefix[:nul]
-                raw = prefix + b"/" + raw
-            name = _decode(raw)
-
-        # --- size ---
-        size = None
-        if block[135] in (0, 32):
+        # --- fast path: a regular member with TarWriter's ustar header tail ---
+        # (typeflag "0", no link, ustar magic, empty owner names and prefix) and a plain octal
+        # size: the checksum then needs one sum, of the first 148 bytes (under 65521, so adler32
+        # gives it exactly). What this accepts, the general path below reads the same way.
+        nul = block.find(0, 0, 100)
+        plain = False
+        if nul > 0 and long_name is None and pax is None and block[135] == 0 and block.endswith(_PLAIN_TAIL):
+            size_field = block[124:135]
             try:
-                size = int(block[124:135], 8)
+                size = int(size_field, 8)
             except ValueError:
-                pass
-        if size is None:
-            size = _octal(block[124:136])
-        if size is None or size < 0:
-            raise FormatError(f"{where(offset, name)}: invalid size field")
-        sparse = False
-        if pax is not None:
-            if "path" in pax:
-                name = _decode(pax["path"])
-            if "size" in pax:
-                try:
-                    size = int(pax["size"])
-                except ValueError:
-                    size = -1
-                if size < 0:
-                    raise FormatError(f"{where(offset, name)}: invalid pax size")
-            sparse = "GNU.sparse.major" in pax or "GNU.sparse.size" in pax or "GNU.sparse.map" in pax
-            pax = None
-
-        # --- what kind of member ---
-        skip = None  # None: yield it; else why it is skipped
-        meta = False
-        if typeflag in _REGULAR:
-            if sparse:
-                skip = "GNU sparse file (not supported)"
-        elif typeflag in _NO_DATA:
-            kind = _NO_DATA[typeflag]
-            if kind is not None:
-                nwarn += 1
-                if nwarn <= _MAX_WARNINGS:
-                    _warn(f"{where(offset, name)}: skipping {kind} (links and special files are never followed)")
-                elif nwarn == _MAX_WARNINGS + 1:
-                    _warn(f"{url}: further skipped members are not reported")
-            continue
-        elif typeflag in (b"L", b"K", b"x", b"X", b"g"):
-            meta = True
-            if size > _MAX_META:
-                raise FormatError(f"{where(offset)}: extended header of {size} bytes is too large")
+                size = -1
+            plain = size >= 0 and block[148:156] == b"%06o\x00 " % ((_adler32(block[:148]) & 0xFFFF) + _TAIL_REST)
+        if plain:
+            raw = block[:nul]
+            name = raw.decode("utf-8", "surrogateescape")
+            skip = None
+            meta = False
         else:
-            skip = f"unsupported member type {typeflag!r}"
+            # The checksum as TarWriter and most tars write it, inline; else _checksum_ok decides.
+            if block[148:156] != b"%06o\x00 " % (
+                (_adler32(block[:148]) & 0xFFFF) + (_adler32(block[156:400]) & 0xFFFF) + (_adler32(block[400:512]) & 0xFFFF) + 253
+            ) and not _checksum_ok(block):
+                if offset == 0:
+                    raise FormatError(f"{url}: not a tar archive (no valid tar header at offset 0)")
+                raise FormatError(f"{where(offset)}: bad tar header checksum")
+            typeflag = block[156:157]
+
+            # --- name ---
+            if long_name is not None:
+                name = long_name
+                long_name = None
+            else:
+                raw = block[:nul] if nul >= 0 else block[:100]
+                if block[345] != 0 and block[257:263] == _POSIX_MAGIC:
+                    prefix = block[345:500]
+                    nul = prefix.find(0)
+                    if nul >= 0:
+                        prefix = prefix[:nul]
+                    raw = prefix + b"/" + raw
+                name = raw.decode("utf-8", "surrogateescape")
+
+            # --- size ---
+            size = None
+            if block[135] in (0, 32):
+                try:
+                    size = int(block[124:135], 8)
+                except ValueError:
+                    pass
+            if size is None:
+                size = _octal(block[124:136])
+            if size is None or size < 0:
+                raise FormatError(f"{where(offset, name)}: invalid size field")
+            sparse = False
+            if pax is not None:
+                if "path" in pax:
+                    name = _decode(pax["path"])
+                if "size" in pax:
+                    try:
+                        size = int(pax["size"])
+                    except ValueError:
+                        size = -1
+                    if size < 0:
+                        raise FormatError(f"{where(offset, name)}: invalid pax size")
+                sparse = "GNU.sparse.major" in pax or "GNU.sparse.size" in pax or "GNU.sparse.map" in pax
+                pax = None
+
+            # --- what kind of member ---
+            skip = None  # None: yield it; else why it is skipped
+            meta = False
+            if typeflag in _REGULAR:
+                if sparse:
+                    skip = "GNU sparse file (not supported)"
+            elif typeflag in _NO_DATA:
+                kind = _NO_DATA[typeflag]
+                if kind is not None:
+                    nwarn += 1
+                    if nwarn <= _MAX_WARNINGS:
+                        _warn(f"{where(offset, name)}: skipping {kind} (links and special files are never followed)")
+                    elif nwarn == _MAX_WARNINGS + 1:
+                        _warn(f"{url}: further skipped members are not reported")
+                continue
+            elif typeflag in (b"L", b"K", b"x", b"X", b"g"):
+                meta = True
+                if size > _MAX_META:
+                    raise FormatError(f"{where(offset)}: extended header of {size} bytes is too large")
+            else:
+                skip = f"unsupported member type {typeflag!r}"
         if skip is None and not meta:
             if max_member_size is not None and size > max_member_size:
                 raise FormatError(
@@ -319,14 +566,24 @@ def _members(read, readinto, url, max_member_size, unsafe, buf=b"", base=0):
             elif take(padded, keep=False) < padded:
                 raise FormatError(f"{where(offset, name)}: truncated archive: the stream ends inside the member")
             continue
+        if not meta:
+            if size >= _BIG:
+                direct = _DIRECT_RUN
+                # What lies between large members (the small ones, the next large one's header)
+                # is read with the padding when it has had the same length twice.
+                gap = offset + 512 - big_end
+                ahead = gap if gap == last_gap and gap <= _AHEAD_MAX else 512
+                last_gap = gap
+                big_end = offset + 512 + padded
+            elif direct:
+                direct -= 1
         if len(buf) - pos >= padded:
-            data = buf[pos : pos + size].tobytes()
+            data = buf[pos : pos + size]
+            if data.__class__ is not bytes:  # buf: bytes, or a view of a chunk
+                data = data.tobytes()
             pos += padded
         else:
-            data = take(size)
-            pad = padded - size
-            if len(data) < size or (pad and take(pad, keep=False) < pad):
-                raise FormatError(f"{where(offset, name)}: truncated archive: the stream ends inside the member")
+            data = fetch(size, padded, offset, name)
 
         if meta:
             if typeflag == b"L":
@@ -337,10 +594,91 @@ def _members(read, readinto, url, max_member_size, unsafe, buf=b"", base=0):
             # "K" (long link target) and "g" (global pax header) are not needed.
             continue
         last = name
-        yield name, data
+        if not samples:
+            yield name, data
+            continue
+
+        # --- grouping into samples, as iter_samples documents ---
+        if name[:2] == "__" and is_meta_name(name):
+            continue
+        slash = name.rfind("/")
+        dot = name.find(".", slash + 1)
+        if dot > slash + 1:
+            k = name[:dot]
+            ext = name[dot + 1 :]
+        else:
+            k, ext = split_name(name)
+            plain = False
+        if k is None:
+            nnokey += 1
+            if nnokey <= _MAX_WARNINGS:
+                _warn(f"{url}: skipping member {name!r}: no extension, so it belongs to no sample", 4)
+            elif nnokey == _MAX_WARNINGS + 1:
+                _warn(f"{url}: further members without extension are not reported", 4)
+            continue
+        if k != key:
+            if sample is not None:
+                if blocks is not None:
+                    _last_read[0] = (sample, tuple(sample), tuple(sample.values()), blocks)
+                try:
+                    yield sample
+                finally:
+                    _last_read[0] = None
+            # seen.add(k), inline
+            h = hash(k) or 1
+            i = h & mask
+            v = slots[i]
+            while v and v != h:
+                i = (i + 1) & mask
+                v = slots[i]
+            if not v:
+                slots[i] = h
+                nseen += 1
+                if nseen * 2 > mask:
+                    seen._count = nseen
+                    seen._grow()
+                    slots = seen._slots
+                    mask = seen._mask
+            if v:
+                if strict:
+                    raise FormatError(
+                        f"{url}: sample {k!r} is split: its members are not consecutive (member {name!r})"
+                    )
+                nsplit += 1
+                if nsplit <= _MAX_WARNINGS:
+                    _warn(
+                        f"{url}: sample {k!r} is split: its members are not consecutive; "
+                        f"reading member {name!r} as a separate sample",
+                        4,
+                    )
+                elif nsplit == _MAX_WARNINGS + 1:
+                    _warn(f"{url}: further split samples are not reported", 4)
+            key = k
+            sample = {"__key__": k, "__url__": url}
+            blocks = []  # the members' headers while the sample is what TarWriter writes for it
+            prev = ""
+        if ext in sample:
+            raise FormatError(f"{url}: sample {k!r} has extension {ext!r} twice (member {name!r})")
+        sample[ext] = data
+        if blocks is not None:
+            # Is the header exactly TarWriter's for this member (a zero-padded ASCII name, its
+            # mode and owner, an all-digits size, its mtime), in TarWriter's order of members?
+            if (
+                plain
+                and ext > prev
+                and ext[0] != "_"
+                and block[nul:124] == _NAME_PAD_MODE[nul]
+                and block[136:148] == _PLAIN_MTIME
+                and size_field.isdigit()
+                and raw.isascii()
+            ):
+                blocks.append(block)
+                prev = ext
+            else:
+                blocks = None
 
     # --- end of archive: check the rest of the stream is only padding ---
-    trailing = bool(buf[pos:].tobytes().strip(b"\0"))
+    trailing = bool(bytes(buf[pos:]).strip(b"\0"))
     while not eof:
         data = read(_CHUNK)
         if not data:
@@ -349,6 +687,13 @@ def _members(read, readinto, url, max_member_size, unsafe, buf=b"", base=0):
             trailing = True
     if trailing:
         _warn(f"{url}: data after the end-of-archive block ignored")
+    if sample is not None:
+        if blocks is not None:
+            _last_read[0] = (sample, tuple(sample), tuple(sample.values()), blocks)
+        try:
+            yield sample
+        finally:
+            _last_read[0] = None
 
 
 def iter_samples(fileobj, url="-", *, strict=False, max_member_size=None, unsafe="error"):
@@ -367,51 +712,13 @@ def iter_samples(fileobj, url="-", *, strict=False, max_member_size=None, unsafe
 
     Memory: apart from the read buffer, about 16 bytes per distinct key, to notice split samples.
     """
-    sample = None
-    key = None
-    seen = _SeenKeys()
-    nsplit = 0
-    nnokey = 0
-    for name, data in iter_members(fileobj, url, max_member_size, unsafe=unsafe):
-        if name[:2] == "__" and is_meta_name(name):
-            continue
-        slash = name.rfind("/")
-        dot = name.find(".", slash + 1)
-        if dot > slash + 1:
-            k = name[:dot]
-            ext = name[dot + 1 :]
-        else:
-            k, ext = split_name(name)
-        if k is None:
-            nnokey += 1
-            if nnokey <= _MAX_WARNINGS:
-                _warn(f"{url}: skipping member {name!r}: no extension, so it belongs to no sample")
-            elif nnokey == _MAX_WARNINGS + 1:
-                _warn(f"{url}: further members without extension are not reported")
-            continue
-        if k != key:
-            if sample is not None:
-                yield sample
-            if seen.add(k):
-                if strict:
-                    raise FormatError(
-                        f"{url}: sample {k!r} is split: its members are not consecutive (member {name!r})"
-                    )
-                nsplit += 1
-                if nsplit <= _MAX_WARNINGS:
-                    _warn(
-                        f"{url}: sample {k!r} is split: its members are not consecutive; "
-                        f"reading member {name!r} as a separate sample"
-                    )
-                elif nsplit == _MAX_WARNINGS + 1:
-                    _warn(f"{url}: further split samples are not reported")
-            key = k
-            sample = {"__key__": k, "__url__": url}
-        if ext in sample:
-            raise FormatError(f"{url}: sample {k!r} has extension {ext!r} twice (member {name!r})")
-        sample[ext] = data
-    if sample is not None:
-        yield sample
+    if unsafe not in ("error", "skip"):
+        raise ValueError(f"unsafe must be 'error' or 'skip', not {unsafe!r}")
+    stream = open_decompressed(fileobj, url)
+    yield from _members(
+        stream.read, getattr(stream, "readinto", None), url, max_member_size, unsafe,
+        direct_read=getattr(stream, "direct_read", None), samples=True, strict=strict,
+    )
 
 
 def iter_raw_samples(fileobj, url="-", *, strict=False, max_member_size=None, unsafe="error"):
@@ -718,6 +1025,13 @@ def iter_raw_samples(fileobj, url="-", *, strict=False, max_member_size=None, un
         _warn(f"{url}: data after the end-of-archive block ignored")
 
 
+# The sample iter_samples yields, while it is out, if it is exactly what TarWriter (mtime 0)
+# writes for it, member for member: (sample, its keys, its values, its members' header blocks),
+# else None. TarWriter.write of that very dict, unchanged (same keys and value objects), writes
+# those headers as they are instead of making them again: identity copies cost less. Checked
+# by identity, so correct whoever calls what in which order (or thread).
+_last_read = [None]
+
 # The last sample decode_raw_sample decoded whose raw bytes are exactly what TarWriter (mtime 0)
 # writes for it: (key, {ext: value}, raw), else None. encode_samples of a sample with the same
 # key and fields returns raw as it is, since that is its encoding: code that passes samples
@@ -730,6 +1044,11 @@ _PLAIN_MODE = b"0000644\x00" + b"0000000\x00" + b"0000000\x00"
 _PLAIN_MTIME = b"00000000000\x00"
 _PLAIN_TAIL = b"0" + bytes(100) + b"ustar\x0000" + bytes(64) + b"0000000\x00" + b"0000000\x00" + bytes(167)
 _PLAIN_SUM = sum(_PLAIN_MODE) + sum(_PLAIN_MTIME) + 8 * 32 + sum(_PLAIN_TAIL)
+# A header's checksum is adler32(header[:148]) & 0xFFFF + _TAIL_REST if its tail is _PLAIN_TAIL
+# (the checksum field counts as 8 spaces; adler32 adds 1).
+_TAIL_REST = 8 * 32 + sum(_PLAIN_TAIL) - 1
+# What follows a name of n bytes up to byte 124 of TarWriter's header: NULs, mode, uid, gid.
+_NAME_PAD_MODE = [bytes(100 - n) + _PLAIN_MODE for n in range(101)]
 
 
 def _decode_plain(raw, url):
@@ -862,13 +1181,13 @@ class _SeenKeys:
     def __init__(self):
         from array import array
 
-        self._slots = array("Q", bytes(8 * 1024))
+        self._slots = array("q", bytes(8 * 1024))
         self._mask = 1023
         self._count = 0
 
     def add(self, key):
         """Remember ``key``; True if it was already there."""
-        h = (hash(key) & 0xFFFFFFFFFFFFFFFF) or 1
+        h = hash(key) or 1
         slots = self._slots
         mask = self._mask
         i = h & mask
@@ -889,7 +1208,7 @@ class _SeenKeys:
 
         old = self._slots
         mask = self._mask * 2 + 1
-        slots = array("Q", bytes(8 * (mask + 1)))
+        slots = array("q", bytes(8 * (mask + 1)))
         for h in old:
             if h:
                 i = h & mask

@@ -6,19 +6,28 @@ webdataset and the original tarproc put a pax header on every member, which doub
 shards of small samples. Owner, group, mode and mtime are fixed, members of a sample are written
 in sorted extension order, and compressed output carries no timestamp, so the same samples always
 give byte-identical archives.
+
+Speed: values of 64 KiB and more are never joined to other bytes (on a plain file, one writev
+writes them with what is pending), and a sample ``iter_samples`` yielded, written unchanged, keeps
+the member headers it was read with when they are exactly those this writer makes (mtime 0).
 """
+
+import io
+import os
+import struct
+from operator import is_
 
 from tarproc.errors import UnsafeNameError
 
 from .compress import make_compressor
 from .names import unsafe_reason
-from .reader import _last_plain
+from .reader import _last_plain, _last_read
 
 __all__ = ["TarWriter", "encode_samples"]
 
 _FLUSH = 1 << 20  # buffered output before a write to the file object
 _BIG = 1 << 16  # values at least this large are passed through without joining
-_ZEROS = bytes(512)
+_PADS = [bytes(n) for n in range(512)]  # padding of n zero bytes, made once
 _MAX_OCTAL_SIZE = 8**11  # an 11-digit octal size field holds sizes below 8 GiB
 
 _MODE_UID_GID = b"0000644\x00" + b"0000000\x00" + b"0000000\x00"
@@ -26,6 +35,47 @@ _MODE_UID_GID = b"0000644\x00" + b"0000000\x00" + b"0000000\x00"
 _AFTER_TYPE = bytes(100) + b"ustar\x0000" + bytes(64) + b"0000000\x00" + b"0000000\x00"
 _PAD12 = bytes(12)
 _TAIL_REGULAR = b"0" + _AFTER_TYPE + bytes(155) + _PAD12  # typeflag to end, empty prefix
+# A plain header: name (NUL-padded), mode/uid/gid, size, mtime, checksum, typeflag to end.
+_HEADER = struct.Struct("100s24s12s12s8s356s")
+_SMALL = 2048  # values up to this size are packed into one bytes object with header and padding
+_member_structs = {}  # padded size -> Struct of a plain header followed by that much data
+_EXT_CACHE_MAX = 256  # extensions remembered as checked, per writer
+_ORDERS_MAX = 64  # field orders remembered, per writer
+_writev = getattr(os, "writev", None)
+
+
+def _member_struct(padded):
+    st = _member_structs[padded] = struct.Struct("100s24s12s12s8s356s%ds" % padded)
+    return st
+
+
+try:
+    _IOV_MAX = max(16, min(1024, os.sysconf("SC_IOV_MAX")))
+except (AttributeError, ValueError, OSError):
+    _IOV_MAX = 16
+
+
+def _writev_all(fd, bufs):
+    """Write the buffers ``bufs`` (bytes-like) to ``fd`` in order, all of them: in batches the
+    system accepts, resuming after short writes (pipes, signals)."""
+    for i in range(0, len(bufs), _IOV_MAX):
+        batch = bufs[i : i + _IOV_MAX] if len(bufs) > _IOV_MAX else bufs
+        batch = [b if b.__class__ is bytes else memoryview(b).cast("B") for b in batch]
+        n = _writev(fd, batch)
+        total = sum(map(len, batch))
+        while n < total:
+            if n <= 0:
+                raise OSError(f"write to file descriptor {fd} wrote nothing")
+            total -= n
+            rest = []
+            for b in batch:
+                if n >= len(b):
+                    n -= len(b)
+                    continue
+                rest.append(memoryview(b)[n:] if n else b)
+                n = 0
+            batch = rest
+            n = _writev(fd, batch)
 
 
 class TarWriter:
@@ -43,8 +93,22 @@ class TarWriter:
             raise ValueError(f"mtime {mtime} does not fit a tar header")
         self._fileobj = fileobj
         self._compressor = None if compression is None else make_compressor(compression, level)
+        # Large values go to a plain file's descriptor with writev, next to what is pending,
+        # without being joined to it or copied into a buffer. Only for the exact io classes
+        # of open(): a subclass or wrapper may do anything in its write.
+        self._fd = None
+        if self._compressor is None and _writev is not None:
+            tf = type(fileobj)
+            try:
+                if (tf is io.FileIO or (tf is io.BufferedWriter and type(fileobj.raw) is io.FileIO)) and fileobj.writable():
+                    self._fd = fileobj.fileno()
+            except (OSError, ValueError):  # closed or detached: the plain path reports it
+                pass
+        self._exts = {}  # ext -> (UTF-8 bytes, their byte sum) of checked plain ASCII extensions
+        self._orders = {}  # a sample's keys (tuple, in dict order) -> its extensions, sorted
         self._parts = []
         self._pending = 0
+        self._vector = False  # _parts holds large values to write with writev (see _big)
         self._closed = False
         self._mtime_field = b"%011o\x00" % mtime
         self._mid = _MODE_UID_GID
@@ -54,6 +118,8 @@ class TarWriter:
             t: sum(_MODE_UID_GID) + sum(self._mtime_field) + 8 * 32 + t[0] + sum(_AFTER_TYPE)
             for t in (b"0", b"x")
         }
+        self._const0 = self._const_sum[b"0"]
+        self._mtime0 = mtime == 0  # headers as the reader's plain ones (see write)
         self.samples = 0  #: samples written so far
         self.members = 0  #: members written so far (pax headers not counted)
         self.bytes = 0  #: uncompressed bytes of tar stream produced so far
@@ -73,35 +139,99 @@ class TarWriter:
         """
         if self._closed:
             raise ValueError("write to a closed TarWriter")
+        known = _last_read[0]
+        if (
+            known is not None
+            and known[0] is sample
+            and self._mtime0
+            and len(sample) == len(known[1])
+            and all(map(is_, sample, known[1]))
+            and all(map(is_, sample.values(), known[2]))
+        ):
+            # A sample iter_samples yielded, unchanged: its members' headers, as they were read,
+            # are exactly those this writer would make; the same bytes, flushed alike.
+            values = known[2]  # key, url, then the members' data in order
+            parts = self._parts
+            vector = self._fd is not None
+            added = 0
+            i = 2
+            for block in known[3]:
+                value = values[i]
+                i += 1
+                size = len(value)
+                pad = -size & 511
+                parts.append(block)
+                if size >= _BIG and not vector:
+                    self._big(value, pad)
+                    parts = self._parts
+                    self.bytes += 512 + size + pad
+                    self.members += 1
+                    continue
+                parts.append(value)
+                if pad:
+                    parts.append(_PADS[pad])
+                if size >= _BIG:
+                    self._vector = True
+                added += 512 + size + pad
+                self.members += 1
+            self.samples += 1
+            if added:
+                self.bytes += added
+                self._pending += added
+                if self._pending >= _FLUSH:
+                    self._flush()
+            return
         key = sample.get("__key__")
         if not isinstance(key, str) or not key:
             raise ValueError(f"sample has no usable __key__: {key!r}")
         slash = key.rfind("/")
-        if slash == len(key) - 1 or "." in key[slash + 1 :]:
+        if slash == len(key) - 1 or key.find(".", slash + 1) >= 0:
             raise ValueError(
                 f"key {key!r}: the part after the last '/' must be non-empty and have no '.', "
                 "or the members would not read back as this sample"
             )
-        reason = unsafe_reason(key)
-        if reason is not None:
-            raise UnsafeNameError(f"key {key!r}: unsafe member name ({reason})")
+        # Printable ASCII without ".." and a leading "/" is safe; anything else is checked fully.
+        if not (key.isascii() and key.isprintable()) or ".." in key or key[0] == "/":
+            reason = unsafe_reason(key)
+            if reason is not None:
+                raise UnsafeNameError(f"key {key!r}: unsafe member name ({reason})")
         # With a key like that, "KEY.EXT" splits back into KEY and EXT for any EXT without '/',
         # and is safe if KEY is and EXT has no control characters.
-        fields = [(k, v) for k, v in sample.items() if k[:2] != "__"]
-        fields.sort()
+        # The extensions in sorted order. Samples read from one shard mostly have the same keys
+        # in the same order, so the order is remembered, keyed by the dict's keys in order.
+        values = sample
+        names = tuple(sample) if sample.__class__ is dict else None
+        order = None if names is None else self._orders.get(names)
+        if order is None:
+            fields = [(k, v) for k, v in sample.items() if k[:2] != "__"]
+            fields.sort()
+            order = tuple([k for k, _ in fields])
+            if names is None:
+                values = dict(fields)  # what items() gave, whatever the mapping's [] gives
+            elif all(k.__class__ is str for k in names):
+                if len(self._orders) >= _ORDERS_MAX:
+                    self._orders.clear()
+                self._orders[names] = order
         try:
             key_raw = key.encode("utf-8") + b"."
         except UnicodeEncodeError:
             raise ValueError(f"key {key!r} is not valid Unicode text") from None
         parts = self._parts
-        const = self._const_sum[b"0"] + sum(key_raw)
+        const = self._const0 + sum(key_raw)
+        room = 100 - len(key_raw) if key_raw.isascii() else -1  # longest extension of a plain name
         mid = self._mid
+        mtime_field = self._mtime_field
+        exts = self._exts
+        vector = self._fd is not None
         added = 0
-        for ext, value in fields:
-            if "/" in ext:
-                raise ValueError(f"key {key!r}: extension {ext!r} contains '/'")
-            if not ext.isprintable() and unsafe_reason(ext) is not None:
-                raise UnsafeNameError(f"key {key!r}: unsafe extension {ext!r} ({unsafe_reason(ext)})")
+        for ext in order:
+            value = values[ext]
+            known = exts.get(ext)
+            if known is None:
+                if "/" in ext:
+                    raise ValueError(f"key {key!r}: extension {ext!r} contains '/'")
+                if not ext.isprintable() and unsafe_reason(ext) is not None:
+                    raise UnsafeNameError(f"key {key!r}: unsafe extension {ext!r} ({unsafe_reason(ext)})")
             tv = type(value)
             if tv is not bytes:
                 if tv is str:
@@ -115,24 +245,43 @@ class TarWriter:
                         f"key {key!r}: value of {ext!r} is {tv.__name__}, not bytes or str"
                     )
             size = len(value)
-            ext_raw = ext.encode("utf-8", "surrogatepass")
-            if size >= _BIG or len(key_raw) + len(ext_raw) > 100 or not ext_raw.isascii() or not key_raw.isascii():
+            if known is None:
+                ext_raw = ext.encode("utf-8", "surrogatepass")
+                if ext_raw.isascii() and ext.__class__ is str:
+                    if len(exts) >= _EXT_CACHE_MAX:
+                        exts.clear()
+                    known = exts[ext] = (ext_raw, sum(ext_raw))
+                else:
+                    self._add(f"{key}.{ext}", value)
+                    parts = self._parts  # _add may have flushed: it starts a new list
+                    continue
+            ext_raw, ext_sum = known
+            if len(ext_raw) > room or size >= _MAX_OCTAL_SIZE:
                 self._add(f"{key}.{ext}", value)
-                parts = self._parts  # _add may have flushed: it starts a new list
+                parts = self._parts
                 continue
-            # The common case, inline: a plain ustar header and a small value.
+            # The common case, inline: a plain ustar header.
             size_field = b"%011o\x00" % size
-            name = key_raw + ext_raw
-            parts.append(name.ljust(100, b"\x00"))
-            parts.append(mid)
-            parts.append(size_field)
-            parts.append(self._mtime_field)
-            parts.append(b"%06o\x00 " % (const + sum(ext_raw) + sum(size_field)))
-            parts.append(_TAIL_REGULAR)
-            parts.append(value)
+            checksum = b"%06o\x00 " % (const + ext_sum + sum(size_field))
             pad = -size & 511
-            if pad:
-                parts.append(_ZEROS[:pad])
+            if size <= _SMALL:
+                # header, value and padding as one bytes object
+                st = _member_structs.get(size + pad) or _member_struct(size + pad)
+                parts.append(st.pack(key_raw + ext_raw, mid, size_field, mtime_field, checksum, _TAIL_REGULAR, value))
+            else:
+                parts.append(_HEADER.pack(key_raw + ext_raw, mid, size_field, mtime_field, checksum, _TAIL_REGULAR))
+                if size >= _BIG and not vector:
+                    self._big(value, pad)
+                    parts = self._parts
+                    self.bytes += 512 + size + pad
+                    self.members += 1
+                    continue
+                # A large value on a plain file is kept by reference for writev: see _big.
+                parts.append(value)
+                if pad:
+                    parts.append(_PADS[pad])
+                if size >= _BIG:
+                    self._vector = True
             added += 512 + size + pad
             self.members += 1
         self.samples += 1
@@ -158,8 +307,7 @@ class TarWriter:
             return
         self.bytes += n
         if n >= _BIG:
-            self._flush()
-            self._emit(data)
+            self._big(data, 0)
             return
         self._parts.append(data)
         self._pending += n
@@ -188,15 +336,11 @@ class TarWriter:
                 parts.append(self._header(short, b"", size if size < _MAX_OCTAL_SIZE else 0, b"0"))
         pad = -size & 511
         if size >= _BIG:
-            self._flush()
-            self._emit(data)
-            if pad:
-                self._parts.append(_ZEROS[:pad])
-            self._pending += pad
+            self._big(data, pad)
         else:
             parts.append(data)
             if pad:
-                parts.append(_ZEROS[:pad])
+                parts.append(_PADS[pad])
             self._pending += 512 + size + pad
         self.bytes += 512 + size + pad
         self.members += 1
@@ -233,9 +377,29 @@ class TarWriter:
     def _write_pax(self, records):
         header = self._header(b"././@PaxHeader", b"", len(records), b"x")
         pad = -len(records) & 511
-        self._parts += (header, records, _ZEROS[:pad])
+        self._parts += (header, records, _PADS[pad])
         self._pending += 512 + len(records) + pad
         self.bytes += 512 + len(records) + pad
+
+    def _big(self, data, pad):
+        """Add ``data`` (large) and ``pad`` zero bytes after what is pending, without joining
+        ``data`` to anything: on a plain file, kept by reference for one writev of all that is
+        pending (bytes only: they cannot change meanwhile); else written at once, separately."""
+        if self._fd is None or data.__class__ is not bytes:
+            self._flush()
+            self._emit(data)
+            if pad:
+                self._parts.append(_PADS[pad])
+            self._pending += pad
+            return
+        parts = self._parts
+        parts.append(data)
+        if pad:
+            parts.append(_PADS[pad])
+        self._vector = True
+        self._pending += len(data) + pad
+        if self._pending >= _FLUSH:
+            self._flush()
 
     def _emit(self, data):
         if self._compressor is not None:
@@ -245,6 +409,14 @@ class TarWriter:
         self._fileobj.write(data)
 
     def _flush(self):
+        if self._vector:  # large values among the parts: one writev, no join
+            self._vector = False
+            parts = self._parts
+            self._parts = []
+            self._pending = 0
+            self._fileobj.flush()  # what it buffered goes first (and a closed file raises here)
+            _writev_all(self._fd, parts)
+            return
         if self._parts:
             data = b"".join(self._parts)
             self._parts = []
