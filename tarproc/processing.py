@@ -6,30 +6,33 @@ time, in order), route each command's stdout, and write the outputs to a storage
 only when every sample went through (with `errors="abort"`, a failure leaves nothing behind).
 """
 
-import copy
 import sys
 import threading
 import time
-from dataclasses import dataclass
 
 from . import streams, tario
 from .tario import reader as tario_reader, writer as tario_writer
 from .runner import PythonRunner, ShellRunner, PoolStats, process_samples
+from .runner.sampledir import Record
 
 
-@dataclass
-class StreamResult:
+class StreamResult(Record):
     """Counts of one `process_stream` run, for the one-line summary."""
 
-    inputs: int = 0
-    outputs: int = 0
-    dropped: int = 0
-    skipped: int = 0
-    kept: int = 0
-    failed: int = 0
-    in_bytes: int = 0
-    out_bytes: int = 0
-    seconds: float = 0.0
+    _fields = ("inputs", "outputs", "dropped", "skipped", "kept", "failed", "in_bytes",
+               "out_bytes", "seconds")
+
+    def __init__(self, inputs=0, outputs=0, dropped=0, skipped=0, kept=0, failed=0, in_bytes=0,
+                 out_bytes=0, seconds=0.0):
+        self.inputs = inputs
+        self.outputs = outputs
+        self.dropped = dropped
+        self.skipped = skipped
+        self.kept = kept
+        self.failed = failed
+        self.in_bytes = in_bytes
+        self.out_bytes = out_bytes
+        self.seconds = seconds
 
     def summary(self):
         rate = self.inputs / self.seconds if self.seconds > 0 else 0.0
@@ -86,9 +89,12 @@ def process_stream(inputs, output=None, runner=None, *, processes=1, ordered=Tru
     case nothing is written at `output`.
 
     `raw` chooses how samples travel when a runner is given; None (the default) means True when
-    `processes > 1` and the runner runs in worker processes (not `pool_threads`). Raw, this process only splits the input into the tar members of each sample
-    and writes the members it gets back: the workers decode, run and encode (the parent alone
-    would otherwise be the bottleneck of cheap per-sample code). The output is the same either
+    `processes > 1` and the runner runs in worker processes (not `pool_threads`). Raw, this
+    process splits the input into the tar members of each sample and writes the members it gets
+    back: the workers decode, run and encode (the parent alone would otherwise be the bottleneck
+    of cheap per-sample code). There are `processes - 1` workers; this process runs short batches
+    itself while they all have enough to do, and writes the results of clean runs of samples in
+    one piece (see `SamplePool`'s `parent_works` and `blocks`). The output is the same either
     way, byte for byte.
     """
     started = time.monotonic()
@@ -107,13 +113,15 @@ def process_stream(inputs, output=None, runner=None, *, processes=1, ordered=Tru
     held = {}  # raw: index -> (item, start of its tar members), until its outcome is handled
     if raw:
         samples = _raw_items(inputs, in_bytes, read_options, held)
-        codec = dict(decode=_decode_item, encode=_encode_outputs)
+        codec = dict(decode=_decode_item, encode=_encode_outputs, blocks=True, parent_works=True)
     else:
         samples = streams.iter_samples(inputs, **read_options)
         codec = {}
     result = StreamResult()
     sink = streams.SampleWriter(output, sha256=False) if output else None
     if sink is None and isinstance(runner, ShellRunner) and runner.collect and not raw:
+        import copy
+
         runner = copy.copy(runner)  # outputs are not written: do not read them back (a copy
         runner.collect = False      # drops per-process state, and leaves the caller's alone)
     bar = _progress_bar(progress)
@@ -140,13 +148,16 @@ def process_stream(inputs, output=None, runner=None, *, processes=1, ordered=Tru
                 if outcome.error is not None and on_failure is not None:
                     on_failure(outcome.error)
                 if raw:
-                    item, start = held.pop(outcome.index)
                     data = outcome.data
-                    if data == _SAME and sink:  # the output is the input, bytes and all
-                        sink.write_raw(memoryview(item)[start:], 1)
-                    elif data and sink:
-                        sink.write_raw(data, outcome.count)
-                    del item
+                    if outcome.inputs > 1:  # a block of clean samples: one write for them all
+                        _write_block(sink, held, outcome.index, data, outcome.count)
+                    else:
+                        item, start = held.pop(outcome.index)
+                        if data == _SAME and sink:  # the output is the input, bytes and all
+                            sink.write_raw(memoryview(item)[start:], 1)
+                        elif data and sink:
+                            sink.write_raw(data, outcome.count)
+                        del item
                 elif sink:
                     if outcome.data:
                         sink.write_raw(outcome.data, outcome.count)
@@ -154,7 +165,7 @@ def process_stream(inputs, output=None, runner=None, *, processes=1, ordered=Tru
                         for sample in outcome.outputs:
                             sink.write(sample)
                 if bar is not None:
-                    bar.tick(in_bytes[0] if raw else stats.in_bytes)
+                    bar.tick(in_bytes[0] if raw else stats.in_bytes, outcome.inputs)
             for name in ("inputs", "outputs", "dropped", "skipped", "kept", "failed", "in_bytes"):
                 setattr(result, name, getattr(stats, name))
             if raw:
@@ -199,6 +210,20 @@ def _raw_items(inputs, in_bytes, read_options, held):
         yield item
 
 
+def _write_block(sink, held, index, datas, count):
+    """Write the outputs of the consecutive samples from ``index`` in one piece (raw mode)."""
+    parts = []
+    pop = held.pop
+    for i, data in enumerate(datas, index):
+        item, start = pop(i)
+        if data == _SAME:
+            parts.append(memoryview(item)[start:])
+        elif data:
+            parts.append(data)
+    if sink and parts:
+        sink.write_raw(parts[0] if len(parts) == 1 else b"".join(parts), count)
+
+
 def _decode_item(item):
     """An item of `_raw_items` as a sample dict (runs in the workers)."""
     nl = item.index(b"\n", 0, 64)
@@ -232,8 +257,8 @@ class _Progress:
         self.started = time.monotonic()
         self.last = 0.0
 
-    def tick(self, in_bytes):
-        self.bar.update(1)
+    def tick(self, in_bytes, n=1):
+        self.bar.update(n)
         now = time.monotonic()
         if now - self.last > 0.5:
             self.last = now

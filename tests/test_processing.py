@@ -358,3 +358,18 @@ def test_plain_input_passes_through_the_same(tmp_path, scripts):
             assert a == run(inputs, out, scripts["fail_some"], raw=None, processes=2, errors=errors)
     a = run([str(src)], out, scripts["identity"], raw=None, processes=2)
     assert a[0] == src.read_bytes()
+
+
+@pytest.mark.parametrize("script", ["identity", "mutate", "drop_odd", "split", "fail_some"])
+def test_many_tiny_samples_in_blocks_are_the_same(tmp_path, scripts, script):
+    """Thousands of tiny samples: the workers hand clean ones back in blocks, written in one go;
+    bytes, counts and failures as sequentially."""
+    src = tmp_path / "tiny.tar"
+    with open(src, "wb") as f, TarWriter(f) as w:
+        for i in range(3000):
+            w.write({"__key__": "s%05d" % i, "cls": b"%d" % (i % 7), "txt": b"text %d" % i})
+    out = str(tmp_path / "out.tar")
+    errors = "skip" if script == "fail_some" else "abort"
+    a = run([str(src)], out, scripts[script], raw=False, errors=errors)
+    b = run([str(src)], out, scripts[script], raw=None, processes=2, errors=errors)
+    assert a == b

@@ -234,6 +234,8 @@ def test_keep_dirs(base):
     r.run(sample())
     kept = [p for p in leftovers(base) if p.endswith("sample.jpg")]
     assert len(kept) == 1
+    r.close()  # kept for debugging: also once the run is over
+    assert [p for p in leftovers(base) if p.endswith("sample.jpg")] == kept
 
 
 def test_script_by_shebang_and_interpreter(base, tmp_path):
@@ -433,4 +435,118 @@ def test_direct_exec_failure_falls_back_to_bash(base, tmp_path):
     r = ShellRunner(str(script), tmpdir=str(base))
     assert r._state().direct is not None
     assert r.run(sample()).stdout == b"from-bash\n"
+    r.close()
+
+
+# ------------------------------------------------------------------ reused dirs look fresh
+
+TAMPER = r'''
+echo "== $(basename "$PWD") $(stat -c %a .)"
+for f in * .[!.]*; do [ -e "$f" ] || [ -L "$f" ] || continue; echo "$f $(stat -c '%F %a %h' "$f")"; done
+cat sample.txt; echo
+case $((TARPROC_INDEX % 7)) in
+ 0) ln sample.txt "$OUT/hard.txt"; chmod 777 .; echo junk > extra; mkdir sub; echo x > sub/f ;;
+ 1) chmod 600 sample.txt; rm sample.cls; ln -s "$OUT/orig.txt" sample.cls; mkfifo fifo ;;
+ 2) rm sample.txt; echo new > sample.txt; chmod +x sample.cls; touch .hidden ;;
+ 3) d=$PWD; cd ..; mv "$d" "$d.moved"; ln -s "$OUT" "$d" ;;
+ 4) printf 'xyz' > sample.txt; ln sample.cls sample.again ;;
+ 5) rm -rf "$PWD"/* ;;
+esac
+'''
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_reused_dirs_look_fresh_to_every_sample(base, tmp_path, monkeypatch, processes):
+    """Pool threads reuse their dirs and files; whatever a command did to them, the next sample
+    sees a dir with a new name, mode 0700, holding just its own plain files, and nothing outside
+    the dir (hard links, symlink targets, a symlink put in place of the dir) is written to."""
+    from tarproc.runner import process_samples
+
+    out = tmp_path / "outside"
+    out.mkdir()
+    (out / "orig.txt").write_text("keep")
+    monkeypatch.setenv("OUT", str(out))
+    r = ShellRunner(TAMPER, tmpdir=str(base))
+    inputs = [{"__key__": f"k{i}", "txt": f"content-{i}".encode(), "cls": b"%d" % i}
+              for i in range(14)]
+    names = set()
+    for o in process_samples(r, inputs, processes=processes):
+        i = o.index
+        head, *listing, text, _ = o.stdout.decode().split("\n")[:6] + [""]
+        name, mode = head.split()[1:]
+        assert name not in names and mode == "700"
+        names.add(name)
+        assert listing == ["__key__ regular file 644 1", "__source__ regular file 644 1",
+                           "sample.cls regular file 644 1", "sample.txt regular file 644 1"], i
+        assert text == f"content-{i}"
+        if i % 7 not in (3, 5):
+            expected = {"1": b"keep", "2": b"new\n", "4": b"xyz"}.get(str(i % 7), f"content-{i}".encode())
+            assert o.outputs[0]["txt" if i % 7 != 1 else "cls"] == expected
+    assert sorted(os.listdir(out)) == ["hard.txt", "orig.txt"]
+    assert (out / "hard.txt").read_text() in ("content-0", "content-7")
+    assert (out / "orig.txt").read_text() == "keep"
+    r.close()
+    assert leftovers(base) == []
+
+
+def test_recycle_keeps_only_the_files_it_wrote(base):
+    r = ShellRunner("echo more > sample.out; mkdir d; ln -s sample.txt sample.lnk", tmpdir=str(base))
+    job = r.prepare({"__key__": "a", "txt": b"first, longer"}, 0)
+    first = job.workdir
+    r.launch(job)
+    assert r.finish(job).outputs[0]["out"] == b"more\n"
+    r.recycle(job)
+    kept = os.listdir(r.root)
+    assert len(kept) == 1 and sorted(os.listdir(os.path.join(r.root, kept[0]))) == [
+        "__key__", "__source__", "sample.txt"]
+    job = r.prepare({"__key__": "b", "txt": b"2nd"}, 1)
+    assert job.workdir != first and not os.path.exists(first)
+    with open(os.path.join(job.workdir, "sample.txt"), "rb") as f:
+        assert f.read() == b"2nd"
+    r.cleanup(job)
+    assert os.listdir(r.root) == []
+    r.close()
+
+
+@pytest.mark.parametrize("budget", [0, 2])
+def test_few_open_files_allowed(base, monkeypatch, budget):
+    """Files are kept open for reuse only within a budget; beyond it they are written anew."""
+    from tarproc.runner import process_samples, sampledir
+
+    monkeypatch.setattr(sampledir, "_open_file_budget", lambda: budget)
+    r = ShellRunner("cat sample.a sample.b sample.c", tmpdir=str(base))
+    inputs = [{"__key__": f"k{i}", "a": b"%d" % i, "b": b"-", "c": b"%d\n" % (i * i)}
+              for i in range(10)]
+    outs = list(process_samples(r, inputs, processes=2))
+    assert [o.stdout for o in outs] == [b"%d-%d\n" % (i, i * i) for i in range(10)]
+    assert r._state().open_files <= budget
+    r.close()
+    assert leftovers(base) == []
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_without_c_posix_spawn(base, monkeypatch, processes):
+    """Where the C library cannot start a command in a given dir, os.posix_spawn from threads
+    with a cwd of their own (or subprocess, from the main thread) does the same job."""
+    from tarproc.runner import process_samples, sampledir
+
+    monkeypatch.setattr(sampledir._CSpawn, "get", classmethod(lambda cls: None))
+    r = ShellRunner('echo "$TARPROC_KEY $TARPROC_INDEX $(cat sample.txt)"; pwd', tmpdir=str(base))
+    assert r.run({"__key__": "main", "txt": b"m"}, 9).stdout.startswith(b"main 9 m\n")
+    outs = list(process_samples(r, [{"__key__": f"k{i}", "txt": b"t%d" % i} for i in range(6)],
+                                processes=processes))
+    for i, o in enumerate(outs):
+        line, pwd = o.stdout.decode().split("\n")[:2]
+        assert line == f"k{i} {i} t{i}" and os.path.dirname(os.path.dirname(pwd)) == str(base)
+    r.close()
+    assert leftovers(base) == []
+
+
+def test_plain_command_gets_pwd_of_its_dir(base):
+    r = ShellRunner("env", tmpdir=str(base))
+    assert r._state().direct is not None
+    res = r.run(sample(), 3)
+    env = dict(l.split("=", 1) for l in res.stdout.decode().splitlines() if "=" in l)
+    assert os.path.dirname(env["PWD"]) == r.root and env["TARPROC_INDEX"] == "3"
+    assert env["TARPROC_KEY"] == "n01440764_10026" and env["SHLVL"]
     r.close()

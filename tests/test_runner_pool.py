@@ -286,3 +286,100 @@ def test_threads_prepare_failure_in_order(base):
     assert outs[4].error is not None and outs[4].outputs == []
     assert [o.stdout for o in outs if o.index != 4] == [str(i).encode() for i in range(10) if i != 4]
     assert left_in(base) == []
+
+
+BLOCKS_SCRIPT = textwrap.dedent('''
+    def process_sample(sample):
+        n = int(sample["v"])
+        if n % 10 == 3:
+            print("loud", n)
+        if n % 10 == 7:
+            raise ValueError("seven")
+        if n % 10 == 5:
+            return None
+        return sample
+''')
+
+
+def _enc_list(outputs):
+    return b";".join(o["__key__"].encode() + b"=" + o["v"] for o in outputs)
+
+
+@pytest.mark.parametrize("errors", ["skip", "keep"])
+def test_blocks_of_clean_outcomes(errors):
+    """With blocks=True, clean consecutive samples come back as one Outcome; the rest, and the
+    counts, are as without."""
+    items = [f"k{i}:{i}".encode() for i in range(400)]
+    got = {}
+    for blocks in (False, True):
+        with SamplePool(PythonRunner(BLOCKS_SCRIPT), 2, decode=_decode, encode=_enc_list,
+                        errors=errors, blocks=blocks) as pool:
+            outs = list(pool.map(items))
+            st = pool.stats
+        per_sample = []
+        for o in outs:
+            if o.inputs > 1:
+                assert o.key is None and not o.stdout and o.error is None
+                assert isinstance(o.data, list) and len(o.data) == o.inputs
+                assert o.count == sum(1 for d in o.data if d)
+                per_sample += [(o.index + j, d, b"", type(None)) for j, d in enumerate(o.data)]
+            else:
+                per_sample.append((o.index, o.data, o.stdout, type(o.error)))
+        got[blocks] = (per_sample, (st.inputs, st.outputs, st.dropped, st.skipped, st.kept,
+                                    st.failed))
+        if blocks:
+            assert len(outs) < 200 and max(o.inputs for o in outs) > 1
+        else:
+            assert all(o.inputs == 1 for o in outs)
+    assert got[True] == got[False]
+    per_sample, counts = got[True]
+    assert [i for i, *_ in per_sample] == list(range(400))
+    assert per_sample[3][2] == b"loud 3\n" and per_sample[7][3] is SampleFailed
+    assert counts[:3] == (400, 320 if errors == "skip" else 360, 40)
+
+
+def test_blocks_need_encode():
+    runner = PythonRunner("def process_sample(s):\n    return s\n")
+    with SamplePool(runner, 2, blocks=True) as pool:
+        outs = list(pool.map(samples(50)))
+    assert not pool.blocks and [o.index for o in outs] == list(range(50))
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_parent_works_with_one_worker_fewer(ordered):
+    """parent_works: -p 2 is one worker process plus the calling process, which runs batches
+    itself while the worker has its fill; results as with two workers."""
+    runner = PythonRunner("import os, time\ndef process_sample(s):\n"
+                          "    time.sleep(0.0002)\n"
+                          "    return dict(s, pid=str(os.getpid()))\n")
+    items = [f"k{i}:{i}".encode() for i in range(600)]
+    with SamplePool(runner, 2, decode=_decode, encode=_encode, parent_works=True,
+                    ordered=ordered) as pool:
+        assert len(pool._workers) == 1
+        outs = list(pool.map(items))
+        st = pool.stats
+    keys = [o.data.split(b"|")[0] for o in outs]
+    if ordered:
+        assert keys == [f"k{i}".encode() for i in range(600)]
+    else:
+        assert sorted(keys) == sorted(f"k{i}".encode() for i in range(600))
+    pids = {o.data.split(b"|")[2] for o in outs}
+    assert str(os.getpid()).encode() in pids and len(pids) == 2
+    assert (st.inputs, st.outputs) == (600, 600)
+    assert workers_alive() == []
+
+
+def test_parent_works_failures_abort_in_order():
+    runner = PythonRunner("def process_sample(s):\n"
+                          "    if s['v'] == b'150':\n        raise ValueError('no')\n"
+                          "    return s\n")
+    items = [f"k{i}:{i}".encode() for i in range(400)]
+    got = []
+    with pytest.raises(SampleFailed) as info:
+        with SamplePool(runner, 2, decode=_decode, encode=_enc_list, parent_works=True,
+                        blocks=True) as pool:
+            for o in pool.map(items):
+                got.append((o.index, o.inputs))
+    assert info.value.index == 150
+    assert sum(n for _, n in got) == 150 and got[0][0] == 0
+    assert workers_alive() == []

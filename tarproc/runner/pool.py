@@ -16,7 +16,10 @@ Otherwise, with ``processes=1`` everything runs inline in the calling process. W
 are started once (the runner is handed to them at startup, not per sample) and fed *batches* of
 consecutive samples whose size adapts so that a batch is a few milliseconds of work (at most
 :data:`MAX_BATCH` samples and about :data:`MAX_BATCH_BYTES` bytes): tiny samples share the cost
-of a round trip between processes, slow shell commands still go out one by one.
+of a round trip between processes, slow shell commands still go out one by one. With
+``parent_works`` (what ``tarproc -P`` uses), there are N-1 workers and the calling process runs
+short batches itself whenever they all have their fill; with ``blocks``, workers send the results
+of consecutive samples that went through cleanly as one block (see :class:`Outcome`).
 
 Memory is bounded whatever the length of the stream: at most ``max_in_flight`` samples (default
 :data:`IN_FLIGHT_PER_PROCESS` × N) and about ``max_bytes_in_flight`` bytes of input (default
@@ -39,10 +42,9 @@ import queue
 import signal
 import threading
 import time
-import traceback
-from dataclasses import dataclass, field
 
 from tarproc.errors import SampleFailed, UnsafeNameError
+from tarproc.runner.sampledir import Record
 
 __all__ = ["SamplePool", "Outcome", "PoolStats", "process_samples"]
 
@@ -52,6 +54,8 @@ MAX_BATCH = 64
 MAX_BATCH_BYTES = 1 << 20
 #: A batch should take about this long to process (seconds), once sample times are known.
 TARGET_BATCH_SECONDS = 0.005
+#: With parent_works, the calling process runs batches of 1/INLINE_SHARE of the usual size.
+INLINE_SHARE = 8
 #: Batches queued per worker (one running, one waiting), so a worker never idles for input.
 BATCHES_PER_WORKER = 2
 #: Default bound on samples in flight, per process.
@@ -63,8 +67,7 @@ _FAILURES = (SampleFailed, UnsafeNameError)
 ERROR_POLICIES = ("abort", "skip", "keep")
 
 
-@dataclass(slots=True)
-class Outcome:
+class Outcome(Record):
     """What became of one input sample.
 
     ``outputs``: the output samples to write (empty when dropped or skipped; ``[input]`` when a
@@ -72,20 +75,29 @@ class Outcome:
     encoded outputs instead; ``count`` is the number of output samples either way. ``error``:
     the SampleFailed/UnsafeNameError under ``skip``/``keep``, else None. ``stdout``/``stderr``:
     what the command printed. ``key``: the input sample's key (None if it could not be decoded).
+
+    ``inputs`` is 1, except for a *block* (pools made with ``blocks=True``): consecutive inputs
+    that all went through cleanly (no failure, nothing printed) in one Outcome, ``index`` the
+    first one's, ``key`` None, ``data`` the list of their encodings in order, ``count`` their
+    outputs in all.
     """
 
-    index: int
-    key: object
-    outputs: list
-    stdout: bytes = b""
-    stderr: bytes = b""
-    error: Exception | None = None
-    data: bytes | None = None
-    count: int = 0
+    __slots__ = ("index", "key", "outputs", "stdout", "stderr", "error", "data", "count", "inputs")
+
+    def __init__(self, index, key, outputs, stdout=b"", stderr=b"", error=None, data=None,
+                 count=0, inputs=1):
+        self.index = index
+        self.key = key
+        self.outputs = outputs
+        self.stdout = stdout
+        self.stderr = stderr
+        self.error = error
+        self.data = data
+        self.count = count
+        self.inputs = inputs
 
 
-@dataclass
-class PoolStats:
+class PoolStats(Record):
     """Counts for the end-of-run summary.
 
     ``inputs``: samples read; ``outputs``: samples produced; ``dropped``: inputs that produced no
@@ -93,15 +105,20 @@ class PoolStats:
     ``failed``: all failures (``skipped + kept``, plus one if the run aborted).
     """
 
-    inputs: int = 0
-    outputs: int = 0
-    dropped: int = 0
-    skipped: int = 0
-    kept: int = 0
-    failed: int = 0
-    in_bytes: int = 0
-    started: float = field(default_factory=time.monotonic)
-    finished: float | None = None
+    __slots__ = ("inputs", "outputs", "dropped", "skipped", "kept", "failed", "in_bytes",
+                 "started", "finished")
+
+    def __init__(self, inputs=0, outputs=0, dropped=0, skipped=0, kept=0, failed=0, in_bytes=0,
+                 started=None, finished=None):
+        self.inputs = inputs
+        self.outputs = outputs
+        self.dropped = dropped
+        self.skipped = skipped
+        self.kept = kept
+        self.failed = failed
+        self.in_bytes = in_bytes
+        self.started = time.monotonic() if started is None else started
+        self.finished = finished
 
     @property
     def seconds(self):
@@ -122,6 +139,8 @@ def _sample_bytes(sample):
 
 def _pack_exc(exc):
     """An exception as picklable parts that keep its attributes (SampleFailed's key, status...)."""
+    import traceback
+
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     state = {k: v for k, v in vars(exc).items() if not k.startswith("__")}
     return (type(exc), exc.args, state, tb)
@@ -201,7 +220,7 @@ def _worker_main(conn, runner, options, inherited):
             c.close()
         except OSError:
             pass
-    decode, encode, keep = options
+    decode, encode, keep, blocks = options
     inbox = queue.SimpleQueue()
 
     def _reader():
@@ -229,6 +248,8 @@ def _worker_main(conn, runner, options, inherited):
                 results.append(r)
                 if r[1] == 2:
                     break
+            if blocks and len(results) > 1:
+                results = _blocks(results)
             conn.send((results, time.perf_counter() - t0))
     except (EOFError, BrokenPipeError, ConnectionResetError):
         pass
@@ -240,6 +261,40 @@ def _worker_main(conn, runner, options, inherited):
             conn.close()
         except OSError:
             pass
+
+
+def _blocks(results):
+    """Results of one batch with each run of clean ones (kind 0, nothing printed) as one block.
+
+    A block is ``(first index, 3, (encodings, inputs, dropped), b"", b"", None, outputs)``:
+    fewer objects to send and to hand out, for samples that need nothing but writing.
+    """
+    out = []
+    run = []
+    for r in results:
+        if r[1] == 0 and not r[3] and not r[4]:
+            run.append(r)
+            continue
+        if run:
+            out.append(_block(run))
+            run = []
+        out.append(r)
+    if run:
+        out.append(_block(run))
+    return out
+
+
+def _block(run):
+    if len(run) == 1:
+        return run[0]
+    total = 0
+    dropped = 0
+    for r in run:
+        if r[6]:
+            total += r[6]
+        else:
+            dropped += 1
+    return (run[0][0], 3, ([r[2] for r in run], len(run), dropped), b"", b"", None, total)
 
 
 def _thread_main(runner, work, results, options, stop):
@@ -266,7 +321,7 @@ def _thread_main(runner, work, results, options, stop):
 
 
 def _thread_simple(runner, work, results, options, stop):
-    decode, encode, keep = options
+    decode, encode, keep, _ = options
     while True:
         job = work.get()
         if job is None:
@@ -281,9 +336,12 @@ def _thread_steps(runner, work, results, options, stop):
     """The loop of :func:`_thread_main` for a runner that works in steps.
 
     Between two commands there is only the wait's end and the next start: the next sample is
-    prepared, the previous dir removed, and the outputs read back while a command runs.
+    prepared, the previous dir removed (or, with a runner that has ``recycle``, tidied for the
+    sample after next to reuse), and the outputs read back while a command runs.
     """
-    decode, encode, keep = options
+    decode, encode, keep, _ = options
+    release = getattr(runner, "recycle", None) or runner.cleanup
+    wait = getattr(runner, "wait", None)
 
     def stage(entry):
         """Prepare one queued entry: ``(index, sample, job)``, or None (result already put)."""
@@ -340,7 +398,7 @@ def _thread_steps(runner, work, results, options, stop):
                     continue
             # A command runs: remove the previous dir, prepare the next sample if one waits.
             if previous is not None:
-                runner.cleanup(previous)
+                release(previous)
                 previous = None
             if staged is None and not ending and not stop.is_set():
                 try:
@@ -353,11 +411,16 @@ def _thread_steps(runner, work, results, options, stop):
                     staged = stage(entry)
             index, sample, job = current
             try:
-                runner.reap(job)
-                # Start the next command before reading this one's outputs back.
+                if wait is not None:
+                    wait(job)
+                else:
+                    runner.reap(job)
+                # Start the next command before taking this one's output and reading it back.
                 current = None
                 if staged is not None and not stop.is_set():
                     current, staged = launch(staged), None
+                if wait is not None:
+                    runner.reap(job)
                 r = _done(runner.collect_outputs(job), sample, index, encode)
             except _FAILURES as exc:
                 if current is not None and current[2] is job:
@@ -435,6 +498,15 @@ class SamplePool:
 
     ``threads``: run the runner in threads of this process rather than worker processes; default
     the runner's ``pool_threads`` attribute (see module doc).
+
+    ``blocks`` (with ``encode``, worker processes only): the outcomes of consecutive samples of a
+    batch that went through cleanly may come as one block (see :class:`Outcome`), which saves
+    the calling process work per sample when samples are tiny.
+
+    ``parent_works`` (worker processes only): start ``processes - 1`` workers and let the calling
+    process run a batch itself whenever every worker has its fill: N processes in all share N
+    cores, instead of N workers plus a feeding process (which, when it has as much to do per
+    sample as splitting a tar stream of tiny samples, is one process too many).
     """
 
     def __init__(
@@ -451,6 +523,8 @@ class SamplePool:
         decode=None,
         encode=None,
         threads=None,
+        blocks=False,
+        parent_works=False,
     ):
         if errors not in ERROR_POLICIES:
             raise ValueError(f"errors must be one of {ERROR_POLICIES}, not {errors!r}")
@@ -462,6 +536,8 @@ class SamplePool:
         self.errors = errors
         self.decode = decode
         self.encode = encode
+        self.blocks = bool(blocks) and encode is not None
+        self.parent_works = bool(parent_works)
         self.max_in_flight = max(1, max_in_flight or IN_FLIGHT_PER_PROCESS * self.processes)
         self.max_bytes_in_flight = max_bytes_in_flight or (
             BYTES_IN_FLIGHT_PER_PROCESS * self.processes
@@ -519,8 +595,8 @@ class SamplePool:
             multiprocessing.get_context(mp_context) if isinstance(mp_context, str) else mp_context
         )
         forking = ctx.get_start_method() == "fork"
-        options = (self.decode, self.encode, self.errors == "keep")
-        for _ in range(self.processes):
+        options = (self.decode, self.encode, self.errors == "keep", self.blocks)
+        for _ in range(self.processes - 1 if self.parent_works else self.processes):
             parent_end, child_end = ctx.Pipe(duplex=True)
             inherited = [w.conn for w in self._workers] + [parent_end] if forking else []
             proc = ctx.Process(
@@ -537,7 +613,7 @@ class SamplePool:
         self._work = queue.SimpleQueue()
         self._results = queue.SimpleQueue()
         self._stop = threading.Event()
-        options = (self.decode, self.encode, self.errors == "keep")
+        options = (self.decode, self.encode, self.errors == "keep", False)
         for i in range(self.processes):
             t = threading.Thread(
                 target=_thread_main,
@@ -655,6 +731,11 @@ class SamplePool:
         """The Outcome for one result tuple of :func:`_run_one` (raising under "abort")."""
         index, kind, payload, out, err, key, n = r
         st = self.stats
+        if kind == 3:  # a block of clean results (see _blocks)
+            data, inputs, dropped = payload
+            st.outputs += n
+            st.dropped += dropped
+            return Outcome(index, None, [], b"", b"", None, data, n, inputs)
         if kind == 0:
             if n:
                 st.outputs += n
@@ -710,7 +791,10 @@ class SamplePool:
         abort = self.errors == "abort"
         max_in_flight = self.max_in_flight
         max_bytes = self.max_bytes_in_flight
-        max_pending = 2 * self.processes  # one running and one waiting per thread
+        # Per thread: one running, one prepared while it runs, and one queued, so that a thread
+        # finds the sample after next waiting as soon as it starts the next command (else
+        # it would prepare it only once the command ends, in the path between two commands).
+        max_pending = 3 * self.processes
         sizes = {}  # index -> input size, for samples read and not yet handed out
         held = {}  # ordered: results waiting for an earlier one
         next_index = 0  # index of the next sample read from the input
@@ -788,6 +872,8 @@ class SamplePool:
         abort = self.errors == "abort"
         max_in_flight = self.max_in_flight
         max_bytes = self.max_bytes_in_flight
+        parent_works = self.parent_works
+        run_options = (self.runner, self.decode, self.encode, self.errors == "keep", self.blocks)
         order = collections.deque()  # ordered: batches in input order, until handed out
         next_index = 0  # index of the next sample read from the input
         in_flight = 0  # samples read and not yet handed out
@@ -798,48 +884,76 @@ class SamplePool:
         lookahead_size = 0
         try:
             while True:
-                # ---- dispatch: keep every worker at BATCHES_PER_WORKER batches, within budget
+                # ---- dispatch: keep every worker at BATCHES_PER_WORKER batches, within budget;
+                # with parent_works, run one more batch here when they all have enough.
+                ran_here = None
                 while not exhausted and not failing:
-                    w = min(workers, key=_outstanding)
-                    if len(w.batches) >= BATCHES_PER_WORKER:
+                    w = min(workers, key=_outstanding) if workers else None
+                    here = w is None or len(w.batches) >= BATCHES_PER_WORKER
+                    if here and not parent_works:
                         break
+                    # Room for this many more samples (counts and bytes are added up once
+                    # per batch: this loop runs for every sample of the stream).
                     limit = self._batch_limit()
+                    if here:  # a short one: back soon to keep the workers fed
+                        limit = max(1, limit // INLINE_SHARE)
+                    room = min(limit, max_in_flight - in_flight)
                     items = []
+                    add = items.append
                     nbytes = 0
-                    while len(items) < limit and in_flight < max_in_flight:
+                    byte_room = max_bytes - bytes_in_flight
+                    while room > 0:
                         if lookahead is None:
                             try:
                                 lookahead = next(it)
                             except StopIteration:
                                 exhausted = True
                                 break
-                            lookahead_size = size_of(lookahead)
+                            lookahead_size = (len(lookahead) if lookahead.__class__ is bytes
+                                              else size_of(lookahead))
                             st.inputs += 1
                             st.in_bytes += lookahead_size
-                        if in_flight and bytes_in_flight + lookahead_size > max_bytes:
+                        if nbytes + lookahead_size > byte_room and (in_flight or items):
                             break
-                        items.append(lookahead)
+                        add(lookahead)
                         lookahead = None
-                        in_flight += 1
-                        bytes_in_flight += lookahead_size
+                        room -= 1
                         nbytes += lookahead_size
                         if nbytes >= MAX_BATCH_BYTES:
                             break
                     if not items:
                         break
-                    batch = _Batch(next_index, len(items), nbytes)
-                    next_index += len(items)
-                    w.conn.send((batch.start, items))
-                    w.batches.append(batch)
+                    count = len(items)
+                    in_flight += count
+                    bytes_in_flight += nbytes
+                    batch = _Batch(next_index, count, nbytes)
+                    next_index += count
                     if ordered:
                         order.append(batch)
+                    if here:
+                        t0 = time.perf_counter()
+                        batch.results = _run_batch(run_options, batch.start, items)
+                        self._timed(batch, time.perf_counter() - t0)
+                        ran_here = batch
+                        del items
+                        break  # see what the workers have done meanwhile
+                    w.conn.send((batch.start, items))
+                    w.batches.append(batch)
                     del items
                 if in_flight == 0 and (exhausted or failing):
                     return
 
-                # ---- collect whatever is ready
+                # ---- collect whatever is ready (without waiting, after a batch run here)
                 done = []
-                for conn in _wait_conns([w.conn for w in workers if w.batches]):
+                if ran_here is not None:
+                    for r in ran_here.results:
+                        if r[1] == 2 or (abort and r[1] == 1):
+                            failing = True
+                    if not ordered:
+                        done.append(ran_here)
+                busy = [w.conn for w in workers if w.batches]
+                ready = _wait_conns(busy, 0 if ran_here is not None else None) if busy else []
+                for conn in ready:
                     w = by_conn[conn]
                     try:
                         results, seconds = conn.recv()
@@ -850,10 +964,7 @@ class SamplePool:
                         ) from None
                     batch = w.batches.popleft()
                     batch.results = results
-                    if results:
-                        per = seconds / len(results)
-                        old = self._sample_seconds
-                        self._sample_seconds = per if old is None else 0.7 * old + 0.3 * per
+                    self._timed(batch, seconds)
                     for r in results:
                         if r[1] == 2 or (abort and r[1] == 1):
                             failing = True
@@ -873,6 +984,29 @@ class SamplePool:
         except BaseException:
             self.close(abort=True)
             raise
+
+    def _timed(self, batch, seconds):
+        """Update the estimate of one sample's processing time from a batch's."""
+        results = batch.results
+        if results:
+            n = batch.count if results[-1][1] != 2 else len(results)
+            per = seconds / max(1, n)  # (a block stands for several samples)
+            old = self._sample_seconds
+            self._sample_seconds = per if old is None else 0.7 * old + 0.3 * per
+
+
+def _run_batch(options, start, items):
+    """Run a batch in this process, as a worker would (see _worker_main)."""
+    runner, decode, encode, keep, blocks = options
+    results = []
+    for index, item in enumerate(items, start):
+        r = _run_one(runner, item, index, decode, encode, keep, False)
+        results.append(r)
+        if r[1] == 2:
+            break
+    if blocks and len(results) > 1:
+        results = _blocks(results)
+    return results
 
 
 def process_samples(

@@ -10,6 +10,13 @@ Per-process state (the private root directory under the temp base, the buffers t
 stdout and stderr, a copy of a script file) is created lazily in the process that runs samples,
 so the same object can be sent to pool workers or Dask workers that share no filesystem with the
 process that built it.
+
+Where the time goes, per sample, and what keeps it small: the command is started with
+``posix_spawn`` called through ctypes (no GIL held while the child starts, and a ``fchdir`` file
+action instead of a working directory per thread); a pool thread reuses its sample dirs and the
+files in them (renamed, overwritten in place: no pages freed and allocated again, no inodes made
+and destroyed); every file operation goes through directory descriptors; files the command did
+not touch are not read back; the capture buffers are memfds.
 """
 
 from __future__ import annotations
@@ -18,16 +25,11 @@ import atexit
 import itertools
 import os
 import re
-import select
-import shlex
-import shutil
 import signal
 import stat
-import subprocess
-import tempfile
+import sys
 import threading
 import time
-from dataclasses import dataclass, field
 
 from tarproc.errors import SampleFailed, UnsafeNameError
 
@@ -47,21 +49,47 @@ SHM_MIN_FREE = 256 * 1024 * 1024
 TAIL_LINES = 10
 
 _STATE_LOCK = threading.Lock()
+_CSPAWN_LOCK = threading.Lock()
 _CONTROL = frozenset(chr(c) for c in range(32)) | {"\x7f"}
 _BAD_CHARS = re.compile("[\x00-\x1f\x7f]")
 
 
-@dataclass(slots=True)
-class SampleResult:
+class Record:
+    """A plain record class: fields named by ``_fields`` (``__slots__`` by default), equality
+    and repr by field — what a dataclass gives, without importing :mod:`dataclasses` (and
+    :mod:`inspect`) at every start."""
+
+    __slots__ = ()
+
+    @property
+    def _names(self):
+        return getattr(self, "_fields", None) or self.__slots__
+
+    def __repr__(self):
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._names)
+        return f"{type(self).__name__}({fields})"
+
+    def __eq__(self, other):
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return all(getattr(self, n) == getattr(other, n) for n in self._names)
+
+    __hash__ = None
+
+
+class SampleResult(Record):
     """What processing one input sample produced.
 
     ``outputs`` holds zero (dropped), one, or several (subdirs, lists) output samples; ``stdout``
     and ``stderr`` are what the command or the Python code printed, for the caller to route.
     """
 
-    outputs: list = field(default_factory=list)
-    stdout: bytes = b""
-    stderr: bytes = b""
+    __slots__ = ("outputs", "stdout", "stderr")
+
+    def __init__(self, outputs=None, stdout=b"", stderr=b""):
+        self.outputs = [] if outputs is None else outputs
+        self.stdout = stdout
+        self.stderr = stderr
 
 
 def check_key(key, what="key"):
@@ -118,6 +146,8 @@ def default_tmpdir(min_free=SHM_MIN_FREE):
                 return shm
     except OSError:
         pass
+    import tempfile
+
     return tempfile.gettempdir()
 
 
@@ -135,16 +165,84 @@ def _as_bytes(value, key, ext):
     )
 
 
-def _write_file(path, data, mtime_ns=None):
-    """Create ``path`` holding ``data``; with ``mtime_ns``, set its times and return its inode."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+#: Field names already found safe by check_ext (the same few names come back in every sample).
+_SAFE_EXTS = set()
+
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+_OLD_FILE = os.O_WRONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+_SUBDIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+
+
+def _make_root(base, prefix):
+    """A new private (0700) directory in ``base`` named ``prefix`` + random characters."""
+    for _ in range(100):
+        path = f"{base}/{prefix}{os.urandom(6).hex()}"
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            continue
+        os.chmod(path, 0o700)  # whatever the umask
+        return os.path.abspath(path)
+    raise FileExistsError(f"no free name for a temp dir in {base}")
+
+
+def _open_file_budget():
+    """How many sample files a process may keep open between samples (a quarter of its limit)."""
     try:
-        n = os.write(fd, data) if data else 0
-        if n < len(data):
-            view = memoryview(data)[n:]
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft == resource.RLIM_INFINITY:
+            soft = 4096
+    except (ImportError, OSError, ValueError):
+        soft = 1024
+    return max(0, min(1024, soft // 4))
+
+
+def _which(name, path):
+    """The first executable file ``name`` in the directories of ``path`` (as :func:`shutil.which`,
+    whose module takes milliseconds to import: bz2, lzma...)."""
+    for d in path.split(os.pathsep):
+        if not d:
+            continue
+        candidate = os.path.join(d, name)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def _remove_root(path):
+    """Remove a private root dir and everything in it, whatever the commands made of it."""
+    try:
+        fd = os.open(path, _SUBDIR)
+    except OSError:
+        return
+    try:
+        _empty_dir(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.rmdir(path)
+    except OSError:
+        import shutil  # something we could not remove our way (a dir without permissions...)
+
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _write_all(fd, data):
+    n = os.write(fd, data) if data else 0
+    if n < len(data):
+        view = memoryview(data)[n:]
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+
+
+def _write_file(path, data, mtime_ns=None, dir_fd=None):
+    """Create ``path`` holding ``data``; with ``mtime_ns``, set its times and return its inode."""
+    fd = os.open(path, _NEW_FILE, 0o644, dir_fd=dir_fd)
+    try:
+        _write_all(fd, data)
         if mtime_ns is not None:
             os.utime(fd, ns=(mtime_ns, mtime_ns))
             return os.fstat(fd).st_ino
@@ -153,8 +251,29 @@ def _write_file(path, data, mtime_ns=None):
         os.close(fd)
 
 
-def _read_file(path):
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+def _refill(fd, data, mtime_ns, mode, uid):
+    """Write ``data`` over the file open as ``fd`` (one of a previous sample); its inode, or None.
+
+    Only a plain file as this process creates them — regular, ``mode``, owned by ``uid``, with no
+    other link — is reused: its bytes are written over the old ones and it is cut to length,
+    which saves the kernel freeing and allocating (and zeroing) its pages again, and creating and
+    destroying an inode. None means the file is not fit for reuse: nothing was written.
+    """
+    st = os.fstat(fd)
+    if st.st_mode != mode or st.st_nlink != 1 or st.st_uid != uid:
+        return None
+    n = os.pwrite(fd, data, 0) if data else 0
+    while n < len(data):
+        n += os.pwrite(fd, memoryview(data)[n:], n)
+    if st.st_size > n:
+        os.ftruncate(fd, n)
+    if mtime_ns is not None:
+        os.utime(fd, ns=(mtime_ns, mtime_ns))
+    return st.st_ino
+
+
+def _read_file(name, dir_fd=None):
+    fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
     try:
         size = os.fstat(fd).st_size
         data = os.read(fd, size + 1) if size else b""
@@ -174,11 +293,52 @@ def _read_file(path):
 def _drain_fd(fd):
     """Read everything written to the capture file ``fd`` and empty it for the next sample."""
     size = os.fstat(fd).st_size
-    data = os.pread(fd, size, 0) if size else b""
-    if size:
-        os.ftruncate(fd, 0)
+    if not size:
+        os.lseek(fd, 0, os.SEEK_SET)  # a command may have moved the offset without writing
+        return b""
+    data = os.pread(fd, size, 0)
+    os.ftruncate(fd, 0)
     os.lseek(fd, 0, os.SEEK_SET)
     return data
+
+
+def _remove_at(dfd, name):
+    """Remove entry ``name`` of directory ``dfd`` (a file, a link, or a whole tree); no errors.
+
+    Everything goes through directory file descriptors, never paths: a command that replaced a
+    directory by a symbolic link cannot make this remove anything outside its own temp dir.
+    """
+    try:
+        os.unlink(name, dir_fd=dfd)
+        return
+    except FileNotFoundError:
+        return
+    except OSError:
+        pass
+    try:
+        sub = os.open(name, _SUBDIR, dir_fd=dfd)
+    except OSError:
+        return
+    try:
+        _empty_dir(sub)
+    finally:
+        os.close(sub)
+    try:
+        os.rmdir(name, dir_fd=dfd)
+    except OSError:
+        pass
+
+
+def _empty_dir(dfd, names=None):
+    """Remove everything in directory ``dfd``; ``names``: its entries, when already known."""
+    if names is None:
+        try:
+            with os.scandir(dfd) as entries:
+                names = [e.name for e in entries]
+        except OSError:
+            return
+    for name in names:
+        _remove_at(dfd, name)
 
 
 class ShellRunner:
@@ -192,7 +352,8 @@ class ShellRunner:
     ``timeout`` seconds per sample, after which the command's whole process group is killed.
     ``subdirs``: each subdirectory holding ``__key__`` and ``BASENAME.*`` files is one more output
     sample. ``add_log``: store the command's stdout in the (first) output sample under this field
-    name. ``keep_dirs``: leave temp dirs in place for debugging. ``env``: extra environment.
+    name. ``keep_dirs``: leave temp dirs in place for debugging (also after :meth:`close`).
+    ``env``: extra environment.
     ``collect=False``: the caller does not want the output data (``tarproc`` without ``-o``): the
     output samples are found and counted as usual, but their fields are not read (their values,
     and the ``add_log`` field's, are None), which saves reading every file back.
@@ -201,7 +362,14 @@ class ShellRunner:
     threads): each call gets its own temp dir and its own capture buffers.
 
     Background processes a command leaves behind are killed when it exits, so nothing keeps
-    writing into a temp dir that is being removed.
+    writing into a temp dir that is being removed or reused.
+
+    Every sample gets a directory that is, as the command sees it, new: a name never used before,
+    mode 0700, holding exactly ``__key__``, ``__source__`` and the ``sample.EXT`` files. Behind
+    that, a pool thread that runs sample after sample (:meth:`recycle`) keeps the directory of
+    the previous sample and the plain files it wrote there, renames the directory and writes the
+    next sample's bytes over those files — what the command wrote or changed is removed — which
+    costs the kernel far less than creating and removing a directory tree of fresh files.
     """
 
     def __init__(
@@ -290,8 +458,13 @@ class ShellRunner:
     pool_threads = True
 
     def thread_init(self):
-        """Called once by each pool thread before its first sample (see :func:`private_cwd`)."""
-        private_cwd()
+        """Called once by each pool thread before its first sample (see :func:`private_cwd`).
+
+        Only needed where commands cannot be started with a working directory of their own
+        (no ``posix_spawn_file_actions_addfchdir_np``).
+        """
+        if _CSpawn.get() is None:
+            private_cwd()
 
     def kill_running(self):
         """Kill the process groups of the commands this process runs now, from any thread."""
@@ -309,7 +482,7 @@ class ShellRunner:
             return
         for name in names:
             if name.startswith(prefix):
-                shutil.rmtree(os.path.join(base, name), ignore_errors=True)
+                _remove_root(os.path.join(base, name))
 
     # ----------------------------------------------------------------- per sample
 
@@ -325,7 +498,9 @@ class ShellRunner:
 
         The same in steps, for callers that overlap the work of several samples (the pool's
         threads prepare the next sample's dir while a command runs): :meth:`prepare`,
-        :meth:`launch`, :meth:`finish`, and :meth:`cleanup` always, in a ``finally``.
+        :meth:`launch`, :meth:`wait` (optional), :meth:`reap`, :meth:`collect_outputs`, and
+        :meth:`cleanup` (or :meth:`recycle`, by a caller that runs more samples in the same
+        thread) always, in a ``finally``.
         """
         job = self.prepare(sample, index)
         try:
@@ -343,34 +518,65 @@ class ShellRunner:
         key = sample.get("__key__")
         check_key(key)
         files = []
+        safe = _SAFE_EXTS
         for ext, value in sample.items():
-            if ext.startswith("__"):
+            if ext[:2] == "__":
                 continue
-            check_ext(ext, key)
+            if ext not in safe:
+                check_ext(ext, key)
+                safe.add(ext)
             files.append((ext, _as_bytes(value, key, ext)))
         source = sample.get("__url__") or "-"
-        if not isinstance(source, str):
+        if source.__class__ is not str:
             source = str(source)
 
         local = self._state()
-        workdir = f"{local.root}/{next(local.counter)}"
-        os.mkdir(workdir, 0o700)
-        job = _Job(sample, key, index, source, workdir, local)
+        ws = local.take()
+        job = _Job(sample, key, index, source, local, ws)
         try:
-            _write_file(workdir + "/__key__", key.encode("utf-8"))
-            _write_file(workdir + "/__source__", source.encode("utf-8"))
-            prefix = f"{workdir}/{self.basename}."
-            if self.collect:
-                # Files the command leaves untouched are not read back: their bytes are reused.
-                # A write always sets the mtime to the present, so marking ours one second in the
-                # past tells them apart (with the inode and the size) on a coarse clock too.
-                written = job.written = {}
-                mark = job.mark = time.time_ns() - 1_000_000_000
-                for ext, data in files:
-                    written[_write_file(prefix + ext, data, mark)] = data
-            else:
-                for ext, data in files:
-                    _write_file(prefix + ext, data)
+            job.workdir = local.enter(ws, self.keep_dirs)
+            dfd = ws.dfd
+            old = ws.reuse  # name -> (fd, inode): files of a previous sample, still open
+            files_now = ws.files = {}
+            mode, uid = local.file_mode, local.uid
+            # Files the command leaves untouched are not read back: their bytes are reused.
+            # A write always sets the mtime to the present, so marking ours one second in the
+            # past tells them apart (with the inode and the size) on a coarse clock too. The
+            # key is marked even when nothing is collected: it is read back only if changed.
+            mark = job.mark = time.time_ns() - 1_000_000_000
+            collect = self.collect
+            written = job.written = {} if collect else None
+            keyb = job.key_bytes = key.encode("utf-8")
+            prefix = self.basename + "."
+            for name, data, marked in _entries(keyb, source.encode("utf-8"), prefix, files, collect):
+                ino = None
+                kept = old.pop(name, None) if old else None
+                if kept is not None:
+                    fd = kept[0]
+                    try:
+                        ino = _refill(fd, data, mark if marked else None, mode, uid)
+                    except BaseException:
+                        local.close_file(fd)
+                        raise
+                    if ino is None:  # changed into something we must not write into
+                        local.close_file(fd)
+                        _remove_at(dfd, name)
+                    else:
+                        files_now[name] = kept
+                if ino is None:
+                    ino = local.create_file(ws, name, data, mark if marked else None)
+                if marked:
+                    if name == "__key__":
+                        job.key_ino = ino
+                    else:
+                        written[ino] = data
+            job.names_in = files_now
+            if old:  # files of the previous sample that this one does not have
+                while old:
+                    name, (fd, _) = old.popitem()
+                    local.close_file(fd)
+                    _remove_at(dfd, name)
+            ws.reuse = None
         except BaseException:
             self.cleanup(job)
             raise
@@ -379,33 +585,42 @@ class ShellRunner:
     def launch(self, job):
         """Start the command of a prepared job (it runs in the background)."""
         local = job.local
-        env = local.env.copy()
-        env[b"TARPROC_KEY"] = job.key.encode("utf-8", "surrogateescape")
-        env[b"TARPROC_INDEX"] = str(job.index).encode()
-        env[b"TARPROC_SOURCE"] = job.source.encode("utf-8", "surrogateescape")
-        job.slot = local.acquire()
-        job.pid, job.proc = local.spawn(job.workdir, env, job.slot)
+        job.pid, job.proc = local.spawn(job)
+        job.drained = False
 
     def finish(self, job):
         """Wait for a launched job's command; its :class:`SampleResult` or SampleFailed."""
         self.reap(job)
         return self.collect_outputs(job)
 
+    def wait(self, job):
+        """Wait for a launched job's command to end.
+
+        The first step of :meth:`reap`, for callers that start the next command as soon as
+        this one is done: what the command left running in the background is killed by
+        :meth:`reap` (or :meth:`cleanup`), just after.
+        """
+        if job.status is None:
+            pid, job.pid = job.pid, None  # from now on wait() answers for the command
+            job.status = job.local.wait(pid, job.proc, self.timeout, kill=False)
+            job.group = pid
+
     def reap(self, job):
         """Wait for a launched job's command and take its output; SampleFailed if it failed.
 
         The first half of :meth:`finish`; :meth:`collect_outputs` is the second.
         """
-        local = job.local
-        key = job.key
-        pid, job.pid = job.pid, None  # from now on wait() answers for the command
-        status = local.wait(pid, job.proc, self.timeout)
-        slot = job.slot
-        stdout = job.stdout = _drain_fd(slot[0])
-        stderr = job.stderr = _drain_fd(slot[1])
-        job.slot = None
-        local.release(slot)
+        self.wait(job)
+        if job.group is not None:
+            group, job.group = job.group, None
+            _killpg(group)  # anything the command left running in the background
+        ws = job.ws
+        stdout = job.stdout = _drain_fd(ws.out)
+        stderr = job.stderr = _drain_fd(ws.err)
+        job.drained = True
+        status = job.status
         if status != 0:
+            key = job.key
             if status == "timeout":
                 msg = f"sample {key!r}: timed out after {self.timeout:g} s"
             elif status < 0:
@@ -419,14 +634,26 @@ class ShellRunner:
 
     def collect_outputs(self, job):
         """The :class:`SampleResult` of a job that :meth:`reap` found successful."""
-        job.names = []
-        outputs = self._collect(job.workdir, job.key, job.sample, job.stdout, job.written,
-                                job.mark, job.names)
+        outputs = self._collect(job)
         return SampleResult(outputs, job.stdout, job.stderr)
 
     def cleanup(self, job):
         """Kill a job's command if it still runs, and remove its temp dir (unless keep_dirs)."""
+        self._release(job, False)
+
+    def recycle(self, job):
+        """:meth:`cleanup` for a caller that goes on with more samples in the same thread.
+
+        The job's directory and the plain files this runner wrote in it are kept for the next
+        :meth:`prepare` to reuse (renamed, overwritten); everything else in it is removed now.
+        """
+        self._release(job, True)
+
+    def _release(self, job, reuse):
         local = job.local
+        if job.group is not None:
+            group, job.group = job.group, None
+            _killpg(group)
         if job.pid is not None:
             pid, job.pid = job.pid, None
             _killpg(pid)
@@ -436,34 +663,48 @@ class ShellRunner:
                 pass
             finally:
                 local.running.discard(pid)
-        if job.slot is not None:
-            slot, job.slot = job.slot, None
-            local.discard(slot)
-        if not self.keep_dirs and job.workdir is not None:
-            workdir, job.workdir = job.workdir, None
-            if job.names is not None:
-                _remove_listed(workdir, job.names)
+        ws = job.ws
+        if ws is None:
+            return
+        job.ws = None
+        try:
+            if not job.drained:
+                local.empty_captures(ws)
+            if self.keep_dirs:
+                local.leave(ws)
+            elif reuse and job.names_in is not None:
+                local.tidy(ws, job)
             else:
-                _remove_tree(workdir)
+                local.drop(ws, job.seen)
+        finally:
+            local.give(ws)
 
-    def _collect(self, workdir, in_key, sample, stdout, written=None, mark=None, names=None):
-        """Read the output samples back from ``workdir`` (and its subdirs).
+    def _collect(self, job):
+        """Read the output samples back from the job's dir (and its subdirs).
 
-        ``written`` maps the inodes of the files written for the command to their bytes, ``mark``
-        is the mtime they were given: a file still matching is not read again. ``names``, when a
-        list, receives the entries of ``workdir`` if it holds only files (else it is cleared).
+        ``job.written`` maps the inodes of the files written for the command to their bytes,
+        ``job.mark`` is the mtime they were given: a file still matching is not read again.
+        Sets ``job.seen`` to the entries of the dir, for :meth:`recycle`.
         """
-        url = sample.get("__url__")
+        in_key = job.key
+        url = job.sample.get("__url__")
+        dfd = job.ws.dfd
+        job.seen = None
         outputs = []
-        main, subdirs = self._read_sample_dir(
-            workdir, in_key, url, self.subdirs, written, mark, names
-        )
+        main, subdirs = self._read_sample_dir(dfd, in_key, url, self.subdirs, job, True)
         if main is not None:
             outputs.append(main)
         for name in sorted(subdirs):
-            sub, _ = self._read_sample_dir(f"{workdir}/{name}", None, url, False, written, mark)
-            if sub is not None:
-                outputs.append(sub)
+            try:
+                sub = os.open(name, _SUBDIR, dir_fd=dfd)
+            except OSError:
+                continue
+            try:
+                out, _ = self._read_sample_dir(sub, None, url, False, job, False)
+            finally:
+                os.close(sub)
+            if out is not None:
+                outputs.append(out)
         if self.add_log is not None and outputs:
             first = outputs[0]
             if self.add_log in first:
@@ -473,78 +714,86 @@ class ShellRunner:
                     key=in_key,
                     status="conflict",
                 )
-            first[self.add_log] = stdout if self.collect else None
+            first[self.add_log] = job.stdout if self.collect else None
         return outputs
 
-    def _read_sample_dir(self, path, default_key, url, want_subdirs, written=None, mark=None,
-                         names=None):
-        """One sample from one directory: ``(sample_or_None, [subdir names])``.
+    def _read_sample_dir(self, dfd, default_key, url, want_subdirs, job, top):
+        """One sample from the directory ``dfd``: ``(sample_or_None, [subdir names])``.
 
         The key is the ``__key__`` file (trailing newlines stripped); without that file, the
         ``default_key`` (None for subdirs: a subdir without ``__key__`` is not a sample). Without
-        ``collect``, field files are listed but not read: their values are None.
+        ``collect``, field files are listed but not read: their values are None. With ``top``
+        (the job's own dir), ``job.seen`` receives ``(name, inode)`` of the plain files and the
+        names of everything else in it, once all are listed.
         """
         prefix = self.basename + "."
         plen = len(prefix)
         collect = self.collect
+        written = job.written
+        mark = job.mark
+        plain, other = [], []
         fields = {}
         subdirs = []
-        has_key = False
-        flat = True
-        with os.scandir(path) as entries:
+        key_entry = None
+        with os.scandir(dfd) as entries:
             for entry in entries:
                 name = entry.name
-                if names is not None:
-                    names.append(name)
+                regular = entry.is_file(follow_symlinks=False)
+                if regular:
+                    plain.append((name, entry.inode()))
+                else:
+                    other.append(name)
                 if name.startswith(prefix) and len(name) > plen:
-                    if entry.is_file():
+                    if regular or entry.is_file():
                         if not collect:
                             fields[name[plen:]] = None
                             continue
                         data = None
-                        if written:
-                            st = entry.stat()
+                        if written and regular:
+                            st = entry.stat(follow_symlinks=False)
                             data = written.get(st.st_ino)
                             if data is not None and (
-                                st.st_mtime_ns != mark
-                                or st.st_size != len(data)
-                                or not entry.is_file(follow_symlinks=False)
+                                st.st_mtime_ns != mark or st.st_size != len(data)
                             ):
                                 data = None
-                        fields[name[plen:]] = _read_file(entry.path) if data is None else data
-                    elif flat and entry.is_dir(follow_symlinks=False):
-                        flat = False
+                        fields[name[plen:]] = _read_file(name, dfd) if data is None else data
                 elif name == "__key__":
-                    has_key = True
-                elif want_subdirs and entry.is_dir(follow_symlinks=False):
+                    key_entry = entry
+                elif want_subdirs and not regular and entry.is_dir(follow_symlinks=False):
                     subdirs.append(name)
-                    flat = False
-                elif flat and entry.is_dir(follow_symlinks=False):
-                    flat = False
-        if names is not None and not flat:
-            names.clear()
-            names.append(None)  # not flat: remove by the general path
+        if top:
+            job.seen = (plain, other)
         if not fields:
             return None, subdirs
-        if has_key:
-            try:
-                key = _read_file(path + "/__key__").decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError:
-                raise SampleFailed(
-                    f"sample {default_key!r}: __key__ written by the command is not UTF-8",
-                    key=default_key,
-                    status="badkey",
-                ) from None
+        if key_entry is not None:
+            key = None
+            if top and job.key_ino is not None and key_entry.is_file(follow_symlinks=False):
+                st = key_entry.stat(follow_symlinks=False)
+                if (st.st_ino == job.key_ino and st.st_mtime_ns == mark
+                        and st.st_size == len(job.key_bytes)):
+                    key = default_key  # the file as it was written: the input key
+            if key is None:
+                try:
+                    key = _read_file("__key__", dfd).decode("utf-8").rstrip("\r\n")
+                except UnicodeDecodeError:
+                    raise SampleFailed(
+                        f"sample {default_key!r}: __key__ written by the command is not UTF-8",
+                        key=default_key,
+                        status="badkey",
+                    ) from None
+                check_key(key, "key written by the command")
         elif default_key is not None:
             key = default_key
         else:
             return None, subdirs
-        check_key(key, "key written by the command")
         out = {"__key__": key}
         if url is not None:
             out["__url__"] = url
+        safe = _SAFE_EXTS
         for ext in sorted(fields):
-            check_ext(ext, key)
+            if ext not in safe:
+                check_ext(ext, key)
+                safe.add(ext)
             out[ext] = fields[ext]
         return out, subdirs
 
@@ -553,75 +802,101 @@ class ShellRunner:
         return f"ShellRunner({what}, basename={self.basename!r})"
 
 
-def _remove_listed(path, names):
-    """Remove a sample dir whose entries ``names`` (plain files, no subdirs) are already known."""
-    if names and names[0] is None:
-        _remove_tree(path)
-        return
-    try:
-        for name in names:
-            os.unlink(f"{path}/{name}")
-        os.rmdir(path)
-    except OSError:
-        _remove_tree(path)
-
-
-def _remove_tree(path):
-    """Remove a sample dir: flat dirs with plain files the fast way, anything else by rmtree."""
-    try:
-        with os.scandir(path) as entries:
-            for entry in entries:
-                if entry.is_dir(follow_symlinks=False):
-                    raise IsADirectoryError(entry.path)
-                os.unlink(entry.path)
-        os.rmdir(path)
-    except FileNotFoundError:
-        pass
-    except OSError:
-        shutil.rmtree(path, ignore_errors=True)
+def _entries(keyb, sourceb, prefix, files, collect):
+    """``(file name, bytes, marked)`` for each file of a sample dir, ``__key__`` first."""
+    yield "__key__", keyb, True
+    yield "__source__", sourceb, False
+    for ext, data in files:
+        yield prefix + ext, data, collect
 
 
 class _Job:
     """One sample between :meth:`ShellRunner.prepare` and :meth:`ShellRunner.cleanup`."""
 
-    __slots__ = ("sample", "key", "index", "source", "workdir", "local", "written", "mark",
-                 "slot", "pid", "proc", "names", "stdout", "stderr")
+    __slots__ = ("sample", "key", "index", "source", "workdir", "local", "ws", "written", "mark",
+                 "key_ino", "key_bytes", "names_in", "seen", "pid", "proc", "status", "group",
+                 "drained", "stdout", "stderr")
 
-    def __init__(self, sample, key, index, source, workdir, local):
+    def __init__(self, sample, key, index, source, local, ws):
         self.sample = sample
         self.key = key
         self.index = index
         self.source = source
-        self.workdir = workdir
         self.local = local
+        self.ws = ws
+        self.workdir = None
         self.written = None
         self.mark = None
-        self.slot = None
+        self.key_ino = None
+        self.key_bytes = None
+        self.names_in = None
+        self.seen = None
         self.pid = None
         self.proc = None
-        self.names = None
+        self.status = None
+        self.group = None  # process group of a command that ended, not yet killed
+        self.drained = True
         self.stdout = b""
         self.stderr = b""
+
+
+class _Workspace:
+    """A sample dir in the making, with the capture buffers of the command that runs in it.
+
+    ``dfd`` is an open descriptor of the directory (-1: none yet), ``name`` its name in the
+    process's root. ``files`` maps the names of the files written for the current sample to
+    ``(open descriptor or -1, inode)``; ``reuse``, between samples, holds those left (unchanged
+    in kind) for the next sample to overwrite. ``out``/``err`` are the command's stdout/stderr capture files. ``fa`` and
+    ``envp`` are what :class:`_CSpawn` prepared for this workspace.
+    """
+
+    __slots__ = ("dfd", "name", "ino", "dev", "files", "reuse", "out", "err", "fa", "envp",
+                 "envkey")
+
+    def __init__(self, out, err):
+        self.dfd = -1
+        self.name = None
+        self.ino = None
+        self.dev = None
+        self.files = None
+        self.reuse = None
+        self.out = out
+        self.err = err
+        self.fa = None
+        self.envp = None
+        self.envkey = None
 
 
 class _ProcessState:
     """Everything a ShellRunner needs in the process that runs it; never pickled.
 
     Shared by the threads of that process: the temp dir counter is an ``itertools.count`` (atomic
-    under the GIL), capture buffers are pairs of memfds taken from and given back to a free list,
-    and ``running`` holds the process groups of the commands now running (see :meth:`kill_all`).
+    under the GIL), workspaces (a dir and a pair of capture memfds each) are taken from and given
+    back to a free list, and ``running`` holds the process groups of the commands now running
+    (see :meth:`kill_all`).
     """
 
     def __init__(self, runner):
         self.pid = os.getpid()
         self.counter = itertools.count(1)
+        self.keep_dirs = runner.keep_dirs
         base = runner.tmpdir or default_tmpdir()
         os.makedirs(base, exist_ok=True)
-        self.root = tempfile.mkdtemp(prefix=f"tarproc-{self.pid}-", dir=base)
-        os.chmod(self.root, 0o700)
-        self._free = []  # capture pairs (stdout fd, stderr fd) not in use
-        self._all = []  # every capture fd, for close()
+        self.root = _make_root(base, f"tarproc-{self.pid}-")
+        self.rootfd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._free = []  # workspaces not in use
+        self._all = []  # every workspace, for close()
+        # Files kept open between samples (see create_file), at most a quarter of the limit.
+        self._open_lock = threading.Lock()
+        self.open_files = 0
+        self.max_open = _open_file_budget()
         self.running = set()
+        self.uid = os.geteuid()
+        # The mode a new file gets here (0644 less the umask): files reused must still have it.
+        probe = f".probe-{self.pid}"
+        _write_file(probe, b"", dir_fd=self.rootfd)
+        self.file_mode = os.stat(probe, dir_fd=self.rootfd).st_mode
+        os.unlink(probe, dir_fd=self.rootfd)
         env = dict(os.environ)
         if runner.env:
             env.update(runner.env)
@@ -634,6 +909,8 @@ class _ProcessState:
             _write_file(script, runner.script_bytes)
             os.chmod(script, stat.S_IRWXU)
             if runner.interpreter:
+                import shlex
+
                 self.argv = shlex.split(runner.interpreter) + [script]
             elif runner.script_bytes.startswith(b"#!"):
                 self.argv = [script]
@@ -642,45 +919,175 @@ class _ProcessState:
         self.devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         self._spawn_argv = None
         self.direct = _direct_command(runner, self.env)
+        self.cspawn = _CSpawn.get()
         self._closed = False
         atexit.register(self.close)
 
-    # ------------------------------------------------------------ capture buffers
+    # ------------------------------------------------------------ workspaces
 
-    @property
-    def out_fd(self):  # the first capture pair, for callers that look at it directly
-        if not self._all:
-            self.release(self.acquire())
-        return self._all[0]
-
-    @property
-    def err_fd(self):
-        if not self._all:
-            self.release(self.acquire())
-        return self._all[1]
-
-    def acquire(self):
-        """A pair of empty capture fds (stdout, stderr) for one command."""
+    def take(self):
+        """A workspace for one sample (its capture buffers empty, offset 0)."""
         try:
             return self._free.pop()
         except IndexError:
-            pair = (self._capture_fd("stdout"), self._capture_fd("stderr"))
-            self._all.extend(pair)
-            return pair
+            ws = _Workspace(self._capture_fd("stdout"), self._capture_fd("stderr"))
+            self._all.append(ws)
+            return ws
 
-    def release(self, pair):
-        """Give back a pair that was drained (empty, offset 0)."""
-        self._free.append(pair)
+    def give(self, ws):
+        self._free.append(ws)
 
-    def discard(self, pair):
-        """Give back a pair in an unknown state (interrupted): empty it first."""
+    def empty_captures(self, ws):
+        """Empty the capture buffers of a workspace whose command was not drained."""
         try:
-            for fd in pair:
+            for fd in (ws.out, ws.err):
                 os.ftruncate(fd, 0)
                 os.lseek(fd, 0, os.SEEK_SET)
         except OSError:
+            pass
+
+    def enter(self, ws, fresh=False):
+        """Give ``ws`` an empty-looking private dir with a name never used before; its path.
+
+        The workspace's previous dir is renamed, if it is still where and what it was; else (or
+        with ``fresh``) a new dir is made.
+        """
+        name = str(next(self.counter))
+        rootfd = self.rootfd
+        if ws.dfd >= 0 and not fresh:
+            try:
+                os.rename(ws.name, name, src_dir_fd=rootfd, dst_dir_fd=rootfd)
+                st = os.stat(name, dir_fd=rootfd, follow_symlinks=False)
+                if st.st_ino == ws.ino and st.st_dev == ws.dev:
+                    if st.st_mode & 0o7777 != 0o700:
+                        os.chmod(ws.dfd, 0o700)
+                    ws.name = name
+                    return f"{self.root}/{name}"
+            except OSError:
+                pass
+            # Not ours any more (the command moved or replaced its dir): start afresh.
+            self._close_dir(ws)
+            _remove_at(rootfd, name)
+        elif ws.dfd >= 0:
+            self.drop(ws)
+        os.mkdir(name, 0o700, dir_fd=rootfd)
+        ws.dfd = os.open(name, _SUBDIR, dir_fd=rootfd)
+        st = os.fstat(ws.dfd)
+        ws.ino, ws.dev, ws.name = st.st_ino, st.st_dev, name
+        return f"{self.root}/{name}"
+
+    def tidy(self, ws, job):
+        """After a sample: keep in its dir only the plain files that were written for it."""
+        if ws.dfd < 0:
             return
-        self._free.append(pair)
+        try:
+            seen = job.seen
+            if seen is None:
+                plain, other = [], []
+                with os.scandir(ws.dfd) as entries:
+                    for e in entries:
+                        if e.is_file(follow_symlinks=False):
+                            plain.append((e.name, e.inode()))
+                        else:
+                            other.append(e.name)
+            else:
+                plain, other = seen
+            files = ws.files or {}
+            ws.files = None
+            keep = {}
+            for name, ino in plain:
+                kept = files.pop(name, None)
+                if kept is not None and kept[1] == ino and kept[0] >= 0:
+                    keep[name] = kept  # still the file we wrote: overwritten next time
+                else:
+                    if kept is not None:
+                        self.close_file(kept[0])
+                    _remove_at(ws.dfd, name)
+            for fd, _ in files.values():  # gone, or renamed (and removed above)
+                self.close_file(fd)
+            for name in other:
+                _remove_at(ws.dfd, name)
+            ws.reuse = keep
+        except OSError:
+            self.drop(ws)
+
+    def drop(self, ws, seen=None):
+        """Remove a workspace's dir and everything in it."""
+        if ws.dfd < 0:
+            return
+        self._close_files(ws)
+        names = None if seen is None else [n for n, _ in seen[0]] + seen[1]
+        _empty_dir(ws.dfd, names)
+        try:
+            os.rmdir(ws.name, dir_fd=self.rootfd)
+        except OSError:
+            if names is not None:  # something the listing missed: look again
+                _empty_dir(ws.dfd)
+                try:
+                    os.rmdir(ws.name, dir_fd=self.rootfd)
+                except OSError:
+                    pass
+        self._close_dir(ws)
+
+    def create_file(self, ws, name, data, mtime_ns):
+        """Create file ``name`` in the workspace's dir holding ``data``; its inode.
+
+        With ``mtime_ns``, its times are set to that. The file stays open for the next sample to
+        overwrite while this process keeps fewer than :attr:`max_open` such files.
+        """
+        fd = os.open(name, _NEW_FILE, 0o644, dir_fd=ws.dfd)
+        try:
+            _write_all(fd, data)
+            if mtime_ns is not None:
+                os.utime(fd, ns=(mtime_ns, mtime_ns))
+            ino = os.fstat(fd).st_ino
+        except BaseException:
+            os.close(fd)
+            raise
+        with self._open_lock:
+            keep = self.open_files < self.max_open
+            if keep:
+                self.open_files += 1
+        if keep:
+            ws.files[name] = (fd, ino)
+        else:
+            os.close(fd)
+            ws.files[name] = (-1, ino)
+        return ino
+
+    def close_file(self, fd):
+        """Close a file :meth:`create_file` kept open."""
+        if fd < 0:
+            return
+        with self._open_lock:
+            self.open_files -= 1
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+    def _close_files(self, ws):
+        for table in (ws.files, ws.reuse):
+            if table:
+                for fd, _ in table.values():
+                    self.close_file(fd)
+        ws.files = ws.reuse = None
+
+    def leave(self, ws):
+        """Forget a workspace's dir without removing it (keep_dirs)."""
+        self._close_dir(ws)
+
+    def _close_dir(self, ws):
+        self._close_files(ws)
+        if ws.fa is not None:
+            self.cspawn.free_actions(ws.fa)
+            ws.fa = None
+        if ws.dfd >= 0:
+            fd, ws.dfd = ws.dfd, -1
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def _capture_fd(self, name):
         if hasattr(os, "memfd_create"):
@@ -688,65 +1095,110 @@ class _ProcessState:
                 return os.memfd_create(f"tarproc-{name}", os.MFD_CLOEXEC)
             except OSError:
                 pass
-        fd, path = tempfile.mkstemp(prefix="." + name, dir=self.root)
+        path = f"{self.root}/.{name}-{os.urandom(6).hex()}"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         os.unlink(path)
         return fd
 
     # ------------------------------------------------------------ running commands
 
-    def execute(self, workdir, env, timeout, slot=None):
-        """Run the command in ``workdir``; its exit status, negative for a signal, or "timeout"."""
-        if slot is None:
-            slot = (self.out_fd, self.err_fd)
-        pid, proc = self.spawn(workdir, env, slot)
-        return self.wait(pid, proc, timeout)
+    def _resolved(self):
+        """``(exe, argv)`` as bytes, the program looked up on $PATH once."""
+        resolved = self._spawn_argv
+        if resolved is None:
+            argv = self.argv
+            path = os.fsdecode(self.env.get(b"PATH", os.defpath.encode()))
+            exe = argv[0] if "/" in argv[0] else _which(argv[0], path)
+            if exe is None:
+                raise FileNotFoundError(2, "No such file or directory", argv[0])
+            resolved = self._spawn_argv = (os.fsencode(exe), [os.fsencode(a) for a in argv])
+        return resolved
 
-    def spawn(self, workdir, env, slot):
-        """Start the command in ``workdir`` in its own session; ``(pid, Popen or None)``."""
-        argv = self.argv
-        exe = None
+    def spawn(self, job):
+        """Start the job's command in its dir, in its own session; ``(pid, Popen or None)``."""
         direct = self.direct
-        if direct is not None:
-            # What bash -c does for a plain simple command, without bash (see _direct_command).
-            exe, argv = direct
-            env[b"PWD"] = os.fsencode(workdir)
-            env[b"_"] = exe
-            env.setdefault(b"SHLVL", b"0")
+        ws = job.ws
         try:
-            if _thread_cwd.private:
-                pid = self._posix_spawn(workdir, env, slot, exe, argv)
+            cspawn = self.cspawn
+            if cspawn is not None:
+                exe, argv = direct if direct is not None else self._resolved()
+                pid = cspawn.spawn(self, ws, exe, argv, job, direct is not None)
                 proc = None
             else:
-                proc = subprocess.Popen(
-                    argv,
-                    executable=exe,
-                    cwd=workdir,
-                    env=env,
-                    stdin=self.devnull,
-                    stdout=slot[0],
-                    stderr=slot[1],
-                    close_fds=True,
-                    start_new_session=True,
-                )
-                pid = proc.pid
+                env = self._env_dict(job, direct)
+                if _thread_cwd.private:
+                    exe, argv = direct if direct is not None else self._resolved()
+                    os.fchdir(ws.dfd)  # this thread only (see private_cwd)
+                    pid = os.posix_spawn(
+                        exe,
+                        argv,
+                        env,
+                        file_actions=[
+                            (os.POSIX_SPAWN_DUP2, self.devnull, 0),
+                            (os.POSIX_SPAWN_DUP2, ws.out, 1),
+                            (os.POSIX_SPAWN_DUP2, ws.err, 2),
+                        ],
+                        setsid=True,
+                        setsigdef=_DEFAULT_SIGNALS,
+                    )
+                    proc = None
+                else:
+                    import subprocess
+
+                    exe, argv = direct if direct is not None else (None, self.argv)
+                    proc = subprocess.Popen(
+                        argv,
+                        executable=exe,
+                        cwd=job.workdir,
+                        env=env,
+                        stdin=self.devnull,
+                        stdout=ws.out,
+                        stderr=ws.err,
+                        close_fds=True,
+                        start_new_session=True,
+                    )
+                    pid = proc.pid
         except OSError:
             if direct is None:
                 raise
             # Not runnable directly after all (say, a script without #!): bash knows what to do.
             self.direct = None
-            for name in (b"PWD", b"_", b"SHLVL"):
-                env.pop(name, None)
-                if name in self.env:
-                    env[name] = self.env[name]
-            return self.spawn(workdir, env, slot)
+            return self.spawn(job)
         self.running.add(pid)
         return pid, proc
 
-    def wait(self, pid, proc, timeout):
-        """Wait for a command from :meth:`spawn`; its exit status (see :meth:`execute`).
+    def _env_dict(self, job, direct):
+        env = self.env.copy()
+        env[b"TARPROC_KEY"] = job.key.encode("utf-8", "surrogateescape")
+        env[b"TARPROC_INDEX"] = str(job.index).encode()
+        env[b"TARPROC_SOURCE"] = job.source.encode("utf-8", "surrogateescape")
+        if direct is not None:
+            # What bash -c does for a plain simple command, without bash (see _direct_command).
+            env[b"PWD"] = os.fsencode(job.workdir)
+            env[b"_"] = direct[0]
+            env.setdefault(b"SHLVL", b"0")
+        return env
 
-        Whatever happens, the command's process group is killed on return: background
-        processes it left behind, or the command itself when interrupted.
+    def env_layout(self, direct):
+        """``(fixed "NAME=value" entries, names of the per-sample ones)`` for :class:`_CSpawn`."""
+        per_sample = [b"TARPROC_KEY", b"TARPROC_INDEX", b"TARPROC_SOURCE"]
+        fixed = {}
+        for k, v in self.env.items():
+            fixed[k] = v
+        if direct is not None:
+            per_sample.append(b"PWD")
+            fixed[b"_"] = direct[0]
+            fixed.setdefault(b"SHLVL", b"0")
+        for k in per_sample:
+            fixed.pop(k, None)
+        return [k + b"=" + v for k, v in fixed.items()], per_sample
+
+    def wait(self, pid, proc, timeout, kill=True):
+        """Wait for a command from :meth:`spawn`; its exit status, negative for a signal, or
+        "timeout".
+
+        The command's process group is killed on return: background processes it left behind
+        (unless ``kill`` is false: the caller does it), or the command itself when interrupted.
         """
         try:
             if timeout is not None and not _wait_exit(pid, timeout):
@@ -764,33 +1216,9 @@ class _ProcessState:
             raise
         finally:
             self.running.discard(pid)
-        _killpg(pid)  # anything the command left running in the background
+        if kill:
+            _killpg(pid)  # anything the command left running in the background
         return status
-
-    def _posix_spawn(self, workdir, env, slot, exe, argv):
-        """Start the command with posix_spawn (vfork: cheap); the calling thread has its own cwd."""
-        if exe is None:
-            resolved = self._spawn_argv
-            if resolved is None:
-                path = os.fsdecode(self.env.get(b"PATH", os.defpath.encode()))
-                exe = argv[0] if "/" in argv[0] else shutil.which(argv[0], path=path)
-                if exe is None:
-                    raise FileNotFoundError(2, "No such file or directory", argv[0])
-                resolved = self._spawn_argv = (os.fsencode(exe), [os.fsencode(a) for a in argv])
-            exe, argv = resolved
-        os.chdir(workdir)  # this thread only (see _private_cwd)
-        return os.posix_spawn(
-            exe,
-            argv,
-            env,
-            file_actions=[
-                (os.POSIX_SPAWN_DUP2, self.devnull, 0),
-                (os.POSIX_SPAWN_DUP2, slot[0], 1),
-                (os.POSIX_SPAWN_DUP2, slot[1], 2),
-            ],
-            setsid=True,
-            setsigdef=_DEFAULT_SIGNALS,
-        )
 
     def kill_all(self):
         """Kill the process groups of all commands running now (from any thread)."""
@@ -801,18 +1229,150 @@ class _ProcessState:
         if self._closed:
             return
         self._closed = True
-        for fd in self._all + [self.devnull]:
+        for ws in self._all:
+            self._close_files(ws)
+            if ws.fa is not None and self.cspawn is not None:
+                self.cspawn.free_actions(ws.fa)
+                ws.fa = None
+            for fd in (ws.dfd, ws.out, ws.err):
+                if fd >= 0:
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
+            ws.dfd = -1
+        for fd in (self.devnull, self.rootfd):
             try:
                 os.close(fd)
             except OSError:
                 pass
         self._all = []
         self._free = []
-        shutil.rmtree(self.root, ignore_errors=True)
+        if not self.keep_dirs:
+            _remove_root(self.root)
         try:
             atexit.unregister(self.close)
         except Exception:
             pass
+
+
+class _CSpawn:
+    """``posix_spawn`` called through ctypes, which releases the GIL while the child starts.
+
+    ``os.posix_spawn`` holds the GIL until the (vfork) child has exec'ed, which stalls every other
+    thread — the one reading input, the other runners — for the whole start of each command. Here
+    the file actions of each workspace (stdin from /dev/null, stdout/stderr to its capture files,
+    ``fchdir`` into its dir, so no thread needs a working directory of its own) are built once,
+    and the environment is an array in which only the per-sample entries change.
+
+    :meth:`get` returns None where the C library lacks ``posix_spawn_file_actions_addfchdir_np``
+    (glibc < 2.29, macOS): the ShellRunner then uses ``os.posix_spawn`` or :mod:`subprocess`.
+    """
+
+    _instance = None
+    _tried = False
+
+    #: POSIX_SPAWN_SETSIGDEF and POSIX_SPAWN_SETSID (glibc, musl)
+    _FLAGS = 0x04 | 0x80
+
+    @classmethod
+    def get(cls):
+        if not cls._tried:
+            with _CSPAWN_LOCK:
+                if not cls._tried:
+                    try:
+                        cls._instance = cls() if sys.platform.startswith("linux") else None
+                    except Exception:
+                        cls._instance = None
+                    cls._tried = True
+        return cls._instance
+
+    def __init__(self):
+        import ctypes
+
+        self.ctypes = ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        c_void_p, c_int = ctypes.c_void_p, ctypes.c_int
+        self._spawn = libc.posix_spawn
+        self._spawn.argtypes = [ctypes.POINTER(c_int), ctypes.c_char_p, c_void_p, c_void_p,
+                                c_void_p, c_void_p]
+        self._spawn.restype = c_int
+        self._fa_init = libc.posix_spawn_file_actions_init
+        self._fa_destroy = libc.posix_spawn_file_actions_destroy
+        self._fa_dup2 = libc.posix_spawn_file_actions_adddup2
+        self._fa_fchdir = libc.posix_spawn_file_actions_addfchdir_np
+        for f in (self._fa_init, self._fa_destroy):
+            f.argtypes = [c_void_p]
+            f.restype = c_int
+        self._fa_dup2.argtypes = [c_void_p, c_int, c_int]
+        self._fa_dup2.restype = c_int
+        self._fa_fchdir.argtypes = [c_void_p, c_int]
+        self._fa_fchdir.restype = c_int
+        # Generous buffers: posix_spawnattr_t is 336 bytes and sigset_t 128 on glibc x86-64.
+        self._attr = ctypes.create_string_buffer(2048)
+        sigs = ctypes.create_string_buffer(512)
+        check = self._check
+        check(libc.posix_spawnattr_init(self._attr))
+        check(libc.sigemptyset(sigs))
+        for sig in _DEFAULT_SIGNALS:
+            check(libc.sigaddset(sigs, c_int(int(sig))))
+        check(libc.posix_spawnattr_setsigdefault(self._attr, sigs))
+        check(libc.posix_spawnattr_setflags(self._attr, ctypes.c_short(self._FLAGS)))
+        self._argv_cache = {}
+
+    @staticmethod
+    def _check(rc):
+        if rc != 0:
+            raise OSError(rc, os.strerror(rc))
+
+    def actions(self, devnull, out, err, dfd):
+        """File actions: stdin from devnull, stdout/stderr to out/err, cwd the dir dfd."""
+        fa = self.ctypes.create_string_buffer(1024)
+        self._check(self._fa_init(fa))
+        try:
+            for src, dst in ((devnull, 0), (out, 1), (err, 2)):
+                self._check(self._fa_dup2(fa, src, dst))
+            self._check(self._fa_fchdir(fa, dfd))
+        except BaseException:
+            self._fa_destroy(fa)
+            raise
+        return fa
+
+    def free_actions(self, fa):
+        self._fa_destroy(fa)
+
+    def _argv(self, argv):
+        key = tuple(argv)
+        arr = self._argv_cache.get(key)
+        if arr is None:
+            arr = self._argv_cache[key] = (self.ctypes.c_char_p * (len(argv) + 1))(*argv, None)
+        return arr
+
+    def spawn(self, local, ws, exe, argv, job, direct):
+        """Start ``exe`` with ``argv`` for ``job`` in workspace ``ws``; the pid."""
+        ctypes = self.ctypes
+        if ws.fa is None:
+            ws.fa = self.actions(local.devnull, ws.out, ws.err, ws.dfd)
+        envkey = (id(local), direct)
+        if ws.envkey != envkey:
+            fixed, per_sample = local.env_layout(local.direct)
+            envp = (ctypes.c_char_p * (len(fixed) + len(per_sample) + 1))(*fixed)
+            ws.envp = (envp, len(fixed))
+            ws.envkey = envkey
+        envp, n = ws.envp
+        source = job.source.encode("utf-8", "surrogateescape")
+        if b"\0" in source:  # (keys are checked: no control characters)
+            raise ValueError("embedded null byte in the sample's source")
+        envp[n] = b"TARPROC_KEY=" + job.key.encode("utf-8", "surrogateescape")
+        envp[n + 1] = b"TARPROC_INDEX=%d" % job.index
+        envp[n + 2] = b"TARPROC_SOURCE=" + source
+        if direct:
+            envp[n + 3] = b"PWD=" + os.fsencode(job.workdir)
+        pid = ctypes.c_int(0)
+        rc = self._spawn(ctypes.byref(pid), exe, ws.fa, self._attr, self._argv(argv), envp)
+        if rc != 0:
+            raise OSError(rc, os.strerror(rc), os.fsdecode(exe))
+        return pid.value
 
 
 #: Signals Python ignores that a command must get with their default action (as subprocess does).
@@ -899,7 +1459,7 @@ def _direct_command(runner, env):
         dirs = path.split(os.pathsep)
         if not path or not all(os.path.isabs(d) for d in dirs):
             return None  # empty or relative entries are searched from the sample's dir
-        exe = shutil.which(first, path=path)
+        exe = _which(first, path)
     if exe is None or not os.path.isfile(exe) or not os.access(exe, os.X_OK):
         return None
     return os.fsencode(exe), [os.fsencode(w) for w in words]
@@ -943,6 +1503,8 @@ def _wait_exit(pid, timeout):
                 return False
             time.sleep(min(delay, remaining))
             delay = min(delay * 2, 0.02)
+    import select
+
     try:
         poller = select.poll()
         poller.register(pidfd, select.POLLIN)
