@@ -461,9 +461,9 @@ class ExternalSorter:
         return entry[0]
 
     def add(self, sample):
+        okey = sample["__okey__"] = self.ordering.order_key(sample)  # partition() reuses it
         part = self.partition(sample) if self.partition is not None else 0
         sample["__part__"] = part
-        okey = sample["__okey__"] = self.ordering.order_key(sample)
         self._buffer.append(((part, okey), sample))
         self._held += sample_nbytes(sample) + 120
         self.count += 1
