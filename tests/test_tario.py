@@ -1169,6 +1169,34 @@ def test_samples_written_later_or_twice_or_interleaved():
     assert out2.getvalue() == write_bytes(list(iter_samples(io.BytesIO(b)))[:n])
 
 
+def test_copies_of_read_samples_write_what_they_hold():
+    """A copy of the sample just read (dict(s), as htmapper's runner passes to user code) takes the
+    header-reuse path only while it holds the very same keys and values in the same order."""
+    a = write_bytes(mixed_samples(seed=3, n=12))
+    kept = list(iter_samples(io.BytesIO(a)))
+    out = io.BytesIO()
+    with TarWriter(out) as w:
+        for s in iter_samples(io.BytesIO(a)):
+            w.write(dict(s))
+    assert out.getvalue() == a
+    changed = []
+    out = io.BytesIO()
+    with TarWriter(out) as w:
+        for i, s in enumerate(iter_samples(io.BytesIO(a))):
+            c = dict(s)
+            field = next(k for k in c if not k.startswith("__"))
+            if i % 3 == 0:
+                c[field] = b"changed"
+            elif i % 3 == 1:
+                c = dict(reversed(list(c.items())))  # same values, other order
+            else:
+                c["extra"] = b"x"
+            changed.append(c)
+            w.write(c)
+    assert out.getvalue() == write_bytes(changed)
+    assert [x["__key__"] for x in iter_samples(io.BytesIO(out.getvalue()))] == [x["__key__"] for x in kept]
+
+
 def test_passthrough_record_is_released():
     it = iter_samples(io.BytesIO(write_bytes(SAMPLES[:3])))
     s = next(it)

@@ -142,13 +142,14 @@ class TarWriter:
         known = _last_read[0]
         if (
             known is not None
-            and known[0] is sample
+            and (known[0] is sample or sample.__class__ is dict)  # or a copy of it (htmapper's)
             and self._mtime0
             and len(sample) == len(known[1])
             and all(map(is_, sample, known[1]))
             and all(map(is_, sample.values(), known[2]))
         ):
-            # A sample iter_samples yielded, unchanged: its members' headers, as they were read,
+            # A sample iter_samples yielded (or a copy), unchanged: the same key and value objects
+            # in the same order. Its members' headers, as they were read,
             # are exactly those this writer would make; the same bytes, flushed alike.
             values = known[2]  # key, url, then the members' data in order
             parts = self._parts
