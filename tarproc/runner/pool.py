@@ -241,15 +241,8 @@ def _worker_main(conn, runner, options, inherited):
             if batch is None:
                 break
             t0 = time.perf_counter()
-            results = []
             start, items = batch
-            for index, item in enumerate(items, start):
-                r = _run_one(runner, item, index, decode, encode, keep, True)
-                results.append(r)
-                if r[1] == 2:
-                    break
-            if blocks and len(results) > 1:
-                results = _blocks(results)
+            results = _run_batch((runner, decode, encode, keep, blocks), start, items, True)
             conn.send((results, time.perf_counter() - t0))
     except (EOFError, BrokenPipeError, ConnectionResetError):
         pass
@@ -995,12 +988,12 @@ class SamplePool:
             self._sample_seconds = per if old is None else 0.7 * old + 0.3 * per
 
 
-def _run_batch(options, start, items):
-    """Run a batch in this process, as a worker would (see _worker_main)."""
+def _run_batch(options, start, items, pack=False):
+    """Run a batch of items here: in a worker process (pack=True, see _run_one) or in the parent."""
     runner, decode, encode, keep, blocks = options
     results = []
     for index, item in enumerate(items, start):
-        r = _run_one(runner, item, index, decode, encode, keep, False)
+        r = _run_one(runner, item, index, decode, encode, keep, pack)
         results.append(r)
         if r[1] == 2:
             break
