@@ -175,12 +175,7 @@ class TarWriter:
                     self._vector = True
                 added += 512 + size + pad
                 self.members += 1
-            self.samples += 1
-            if added:
-                self.bytes += added
-                self._pending += added
-                if self._pending >= _FLUSH:
-                    self._flush()
+            self._end_sample(added)
             return
         key = sample.get("__key__")
         if not isinstance(key, str) or not key:
@@ -285,6 +280,10 @@ class TarWriter:
                     self._vector = True
             added += 512 + size + pad
             self.members += 1
+        self._end_sample(added)
+
+    def _end_sample(self, added):
+        """Count a sample whose members added ``added`` bytes to the buffer; flush when full."""
         self.samples += 1
         if added:
             self.bytes += added
