@@ -108,65 +108,37 @@ def total_threads(client) -> int:
         return 0
 
 
-#: Imported once by the fork server, so every local worker starts with them loaded: Dask's worker
-#: and tarproc's task code (numpy and pandas, which distributed would add, are left to the tasks
-#: that use them).
-_PRELOAD = ["distributed", "tarproc.jobs.driver", "tarproc.jobs.shardmap", "tarproc.jobs.twophase",
-            "tarproc.jobs.upload_job"]
-
-
 def prestart_local() -> bool:
-    """Start the fork server that local-cluster workers are forked from, if it is not running.
+    """Start the process the next local cluster's workers are forked from, if none is waiting.
 
-    The commands call this before they import Dask, so the server's imports (~0.4 s of
-    distributed and tarproc) run on another core while the driver does its own, and workers
-    start with tarproc's task code already imported. Returns False if it could not be started
-    (distributed then starts it itself, a little later).
+    The commands call this before they import Dask, so that its imports (~0.4 s of distributed
+    and tarproc) run on another core while the driver does its own (see ``localcluster``).
+    Returns False if it could not be started (the cluster then starts it itself, a little later).
     """
-    import multiprocessing
-    from multiprocessing import forkserver
+    from .localcluster import prestart
 
-    try:
-        multiprocessing.get_context("forkserver").set_forkserver_preload(_PRELOAD)
-        forkserver.ensure_running()
-    except Exception:  # noqa: BLE001 - only an optimisation
-        return False
-    return True
+    return prestart()
 
 
 def _start_local(workers, threads_per_worker, dashboard=True):
-    """A LocalCluster of worker processes forked from a fork server (see prestart_local).
+    """A local cluster of worker processes (``localcluster.ForkedCluster``).
 
-    The fork server imports distributed and tarproc once and forks every worker from it: about
-    0.5 s faster than spawning each worker, and safe with the driver's threads (unlike plain
-    fork). The dashboard costs another ~0.5 s, so it starts only when someone may look at it.
+    The dashboard costs ~0.5 s, so it starts only when someone may look at it.
     """
-    import dask
-    import distributed.utils
-    from distributed import LocalCluster
-
-    prestart_local()
-    if hasattr(distributed.utils, "_forkserver_preload_set"):
-        # The server runs already: without this, distributed imports numpy and pandas into the
-        # driver (~0.2 s) only to name them as preloads of a server that has started.
-        distributed.utils._forkserver_preload_set = True
+    from .localcluster import ForkedCluster
 
     n = int(workers) if workers else _cpu_count()
     if n < 1:
         raise ClusterError(f"cannot start a local cluster with {n} workers")
-    kwargs = dict(
-        n_workers=n,
-        threads_per_worker=int(threads_per_worker or 1),
-        processes=True,
-        silence_logs=logging.ERROR,
-    )
-    with dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}):
-        if dashboard:
-            try:  # a free port: never squat on (or clash with) the usual 8787
-                return LocalCluster(dashboard_address="127.0.0.1:0", **kwargs)
-            except Exception:  # noqa: BLE001 - fall back to no dashboard
-                pass
-        return LocalCluster(dashboard_address=None, **kwargs)
+    threads = int(threads_per_worker or 1)
+    if dashboard:
+        try:  # a free port: never squat on (or clash with) the usual 8787
+            return ForkedCluster(n, threads, dashboard_address="127.0.0.1:0")
+        except ClusterError:
+            raise
+        except Exception:  # noqa: BLE001 - fall back to no dashboard
+            pass
+    return ForkedCluster(n, threads, dashboard_address=None)
 
 
 @contextlib.contextmanager
@@ -217,7 +189,7 @@ def connect(cluster=None, workers=None, threads_per_worker=1, quiet=False):
                 local.close()
                 raise
             try:
-                _announce(client, f"local cluster with {len(local.workers)} workers", quiet,
+                _announce(client, f"local cluster with {local.n_workers} workers", quiet,
                           dashboard=_dashboard_available())
                 yield client
             finally:
