@@ -79,6 +79,7 @@ def _announce(client, how: str, quiet: bool, dashboard=True) -> None:
     if quiet:
         return
     prog = os.path.basename(sys.argv[0] or "") if sys.argv else ""
+    prog = prog[:-3] if prog.endswith(".py") else prog  # python -m tarproc.cli.htsort
     prog = prog if prog.startswith(("ht", "tar")) else "tarproc"  # the command the user typed
     msg = f"{prog}: {how} ({total_threads(client)} worker threads)"
     link = _dashboard_link(client) if dashboard else None
