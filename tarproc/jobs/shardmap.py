@@ -94,7 +94,7 @@ class MapShard:
         try:
             with _Warnings() as caught:
                 samples = iter_samples(in_url, strict=self.strict, unsafe=unsafe)
-                with SampleWriter(out_url) as sink:
+                with SampleWriter(out_url, sha256=False) as sink:
                     write = sink.write
                     run = runner.run if runner is not None else None
                     for sample in samples:
