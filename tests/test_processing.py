@@ -11,6 +11,7 @@ import pytest
 
 from tarproc import tario
 from tarproc.errors import FormatError, UnsafeNameError
+from tarproc import processing
 from tarproc.processing import make_runner, process_stream
 from tarproc.tario import (
     TarioWarning,
@@ -56,6 +57,18 @@ SCRIPTS = {
         "        raise ValueError('bad ' + sample['__key__'])\n"
         "    return sample\n"
     ),
+    "prints": (
+        "import sys\n"
+        "def process_sample(sample):\n"
+        "    n = sum(sample['__key__'].encode())\n"
+        "    if n % 4 == 0:\n"
+        "        print('out', sample['__key__'])\n"
+        "    if n % 5 == 0:\n"
+        "        print('err', sample['__key__'], file=sys.stderr)\n"
+        "    if n % 7 == 0:\n"
+        "        raise ValueError('bad ' + sample['__key__'])\n"
+        "    return sample\n"
+    ),
 }
 
 
@@ -69,15 +82,22 @@ def scripts(tmp_path):
     return paths
 
 
-def run(inputs, out, script, *, raw, processes=1, **kw):
-    """process_stream's output bytes, counts, warnings and failures (or the exception)."""
+def run(inputs, out, script, *, raw, processes=1, printed=False, **kw):
+    """process_stream's output bytes, counts, warnings and failures (or the exception); with
+    `printed`, also what the script printed: stdout and stderr, with the failures in between."""
     failures = []
+    stdout, stderr = io.BytesIO(), io.BytesIO()
+
+    def on_failure(exc):
+        failures.append(exc)
+        stderr.write(b"[failure %d]" % exc.index)
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", TarioWarning)
         try:
             result = process_stream(
                 inputs, out, make_runner(python=script), processes=processes, raw=raw,
-                stdout=io.BytesIO(), stderr=io.BytesIO(), on_failure=failures.append, **kw
+                stdout=stdout, stderr=stderr, on_failure=on_failure, **kw
             )
         except Exception as exc:  # compared as (type, message)
             result = (type(exc), str(exc))
@@ -89,6 +109,8 @@ def run(inputs, out, script, *, raw, processes=1, **kw):
         os.unlink(out)
     if not isinstance(result, tuple):
         result = {k: v for k, v in vars(result).items() if k != "seconds"}
+    if printed:
+        return data, result, msgs, [str(e) for e in failures], stdout.getvalue(), stderr.getvalue()
     return data, result, msgs, [str(e) for e in failures]
 
 
@@ -373,3 +395,203 @@ def test_many_tiny_samples_in_blocks_are_the_same(tmp_path, scripts, script):
     a = run([str(src)], out, scripts[script], raw=False, errors=errors)
     b = run([str(src)], out, scripts[script], raw=None, processes=2, errors=errors)
     assert a == b
+
+
+# ------------------------------------------------------------------ chunk mode == dict path
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of a few samples: the test shards are cut in many places."""
+    monkeypatch.setattr(processing, "CHUNK_BYTES", 3000)
+
+
+def same_in_chunks(tmp_path, inputs, script, suffix=".tar", **kw):
+    """Chunk mode (in this process, and with a worker) gives what the dict path gives: bytes,
+    counts, warnings, failures, errors and what was printed, in the same order."""
+    out = str(tmp_path / f"out{suffix}")
+    a = run(inputs, out, script, raw=False, printed=True, **kw)
+    for processes in (1, 2):
+        assert run(inputs, out, script, raw="chunks", processes=processes, printed=True, **kw) == a
+    return a
+
+
+@pytest.mark.parametrize("script", ["identity", "modify", "mutate", "drop_odd", "split", "prints"])
+def test_chunks_give_the_same_on_real_shards(tmp_path, scripts, small_chunks, script):
+    data, result, _, _, _, _ = same_in_chunks(tmp_path, SHARDS, scripts[script])
+    if script == "prints":
+        assert result[0].__name__ == "SampleFailed" and data is None
+    else:
+        assert data and result["inputs"] > 100
+
+
+@pytest.mark.parametrize("errors", ["skip", "keep"])
+def test_chunks_skip_and_keep_failures_the_same(tmp_path, scripts, small_chunks, errors):
+    for script in ("fail_some", "prints"):
+        _, result, _, failures, out, err = same_in_chunks(tmp_path, SHARDS, scripts[script], errors=errors)
+        assert failures and result["failed"] == len(failures)
+    assert b"out " in out and b"err " in err and b"[failure " in err
+
+
+def test_chunks_of_compressed_inputs_and_outputs(tmp_path, scripts, small_chunks):
+    tgz = [s for s in SHARDS if s.endswith(".tgz")]
+    assert tgz
+    for suffix in (".tar", ".tar.gz"):
+        data, _, _, _, _, _ = same_in_chunks(tmp_path, tgz + SHARDS[:1], scripts["modify"], suffix=suffix)
+        assert data
+
+
+def test_chunks_with_count_fall_back_to_raw_samples(tmp_path, scripts, small_chunks):
+    data, result, _, _, _, _ = same_in_chunks(tmp_path, SHARDS, scripts["identity"], count=150)
+    assert result["inputs"] == 150
+
+
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_chunks_with_skips_long_names_pax_and_split_samples(tmp_path, scripts, monkeypatch, fmt):
+    src = tmp_path / "awk.tar"
+    src.write_bytes(tar_of(AWKWARD * 2 + [("c.more", b"7")], fmt))
+    for size in (1, 2000, 1 << 20):  # a cut wherever one may be, a few, none
+        monkeypatch.setattr(processing, "CHUNK_BYTES", size)
+        for script in ("identity", "modify"):
+            _, _, msgs, _, _, _ = same_in_chunks(tmp_path, [str(src)], scripts[script])
+            assert any("split" in m for m in msgs) and any("symbolic link" in m for m in msgs)
+        _, result, _, _, _, _ = same_in_chunks(tmp_path, [str(src)], scripts["identity"], strict=True)
+        assert result[0] is FormatError and "split" in result[1]
+
+
+def test_chunks_notice_a_sample_split_across_chunks(tmp_path, scripts, small_chunks):
+    samples = [{"__key__": "k%03d" % i, "txt": b"x" * 600} for i in range(40)]
+    samples.append({"__key__": "k005", "cls": b"again"})  # far from its first members
+    src = tmp_path / "split.tar"
+    with open(src, "wb") as f, TarWriter(f) as w:
+        for s in samples:
+            w.write(s)
+    _, result, msgs, _, _, _ = same_in_chunks(tmp_path, [str(src)], scripts["identity"])
+    assert result["inputs"] == 41 and msgs == [
+        f"{src}: sample 'k005' is split: its members are not consecutive; reading member 'k005.cls' as a separate sample"]
+    _, result, _, _, _, _ = same_in_chunks(tmp_path, [str(src)], scripts["identity"], strict=True)
+    assert result[0] is FormatError
+
+
+@pytest.mark.parametrize("name", ["../evil.txt", "/etc/evil.txt", "bad\x1b.txt"])
+def test_chunks_refuse_or_skip_hostile_names_the_same(tmp_path, scripts, small_chunks, name):
+    src = tmp_path / "hostile.tar"
+    members = [(f"ok{i}.txt", b"1" * 700) for i in range(10)]
+    src.write_bytes(tar_of(members + [(name, b"x")] + members[:3] + [("z.txt", b"2")]))
+    _, result, _, _, _, _ = same_in_chunks(tmp_path, [str(src)], scripts["identity"])
+    assert result[0] is UnsafeNameError and str(src) in result[1]
+    _, result, msgs, _, _, _ = same_in_chunks(tmp_path, [str(src)], scripts["identity"], errors="skip")
+    assert result["inputs"] == 14 and any("unsafe" in m for m in msgs)
+
+
+def test_chunks_report_damaged_input_the_same(tmp_path, scripts, small_chunks):
+    members = [(f"m{i}.txt", b"x" * 512) for i in range(20)]
+    good = tar_of(members)
+    h = 1024 * 15  # a header in the middle
+    bad = bytearray(good)
+    bad[h + 10] ^= 1  # its checksum no longer matches
+    size = bytearray(good)
+    size[h + 124 : h + 136] = b"zzzzzzzzzzzz"  # a size nothing can read
+    cases = {
+        "truncated_member": good[: h + 600],
+        "truncated_header": good[: h + 100],
+        "checksum": bytes(bad),
+        "size": bytes(size),
+        "dup_ext": tar_of([("a.txt", b"1"), ("a.txt", b"2")]),
+        "not_tar": b"hello world" * 100,
+        "short": b"abc",
+        "empty": b"",
+        "no_end_blocks": good[:-1024 * 5],
+        "trailing": good + b"garbage",
+    }
+    for label, blob in cases.items():
+        src = tmp_path / f"{label}.tar"
+        src.write_bytes(blob)
+        _, result, msgs, _, _, _ = same_in_chunks(tmp_path, [str(src)], scripts["identity"])
+        if label == "trailing":
+            assert msgs == [f"{src}: data after the end-of-archive block ignored"], label
+        elif label not in ("empty", "no_end_blocks"):
+            assert isinstance(result, tuple) and issubclass(result[0], FormatError), label
+            assert str(src) in result[1], label
+
+
+def test_chunks_with_a_member_over_max_member_size(tmp_path, scripts, small_chunks):
+    src = tmp_path / "big.tar"
+    with open(src, "wb") as f, TarWriter(f) as w:
+        for i in range(20):
+            w.write({"__key__": "s%02d" % i, "txt": b"t" * 700})
+        w.write({"__key__": "huge", "bin": bytes(100_000)})
+        w.write({"__key__": "z", "txt": b"after"})
+    _, result, _, _, _, _ = same_in_chunks(tmp_path, [str(src)], scripts["identity"], max_member_size=50_000)
+    assert result[0] is FormatError and "exceeds the limit" in result[1]
+    data, result, _, _, _, _ = same_in_chunks(tmp_path, [str(src)], scripts["identity"], max_member_size=200_000)
+    assert data == src.read_bytes()
+
+
+def test_iter_chunks_cuts_between_samples_and_reads_back_the_same():
+    samples = [{"__key__": f"d/s{i:04d}", "txt": b"x" * (i * 37 % 3000), "cls": b"%d" % i}
+               for i in range(400)]
+    buf = io.BytesIO()
+    with TarWriter(buf) as w:
+        for s in samples:
+            w.write(s)
+    blob = buf.getvalue()
+    for target in (1, 5000, 1 << 20):
+        chunks = list(tario.iter_chunks(io.BytesIO(blob).read, "u", target=target))
+        assert b"".join(c for _, c, _ in chunks) == blob[:-512]  # up to the first end block
+        assert [o for o, _, _ in chunks] == [sum(len(c) for _, c, _ in chunks[:i]) for i in range(len(chunks))]
+        assert not any(more for _, _, more in chunks)
+        if target == 1:
+            assert len(chunks) == len(samples)  # a chunk a sample
+        state = tario.StreamState()
+        got = [s for o, c, _ in chunks for s in tario.iter_chunk_samples(c, "u", o, state)]
+        assert got == list(iter_samples(io.BytesIO(blob), "u"))
+        assert state.last == "d/s0399.txt"
+    # a member over the limit: the last chunk stops at its header, the stream goes on after it
+    chunks = list(tario.iter_chunks(io.BytesIO(blob).read, "u", target=1000, max_member_size=2000))
+    assert chunks[-1][2] and not any(more for _, _, more in chunks[:-1])
+
+
+def test_seen_keys_add_all_adds_all_or_nothing():
+    state = tario.StreamState()
+    seen = state.seen
+    assert seen.add_all(["k%d" % i for i in range(5000)])
+    assert not seen.add_all(["new1", "new2", "k17", "new3"])
+    assert seen.add_all(["new1", "new2", "new3"])  # none of them was kept by the failed call
+    assert all(seen.add("k%d" % i) for i in range(5000)) and seen._count == 5003
+    assert not seen.add("other")
+
+
+def test_chunk_keys_notice_keys_seen_in_any_earlier_chunk():
+    state = tario.StreamState()
+    keys = processing._ChunkKeys(state)
+    assert keys.add("a\nb", True) and keys.add("c\nd", True) and keys.pending  # in order: set aside
+    assert not keys.add("d\ne", True)  # d: the last key of the last chunk
+    assert not keys.add("x\nb", False) and not keys.pending  # b: in an earlier chunk
+    assert keys.add("x\ny", False) and not keys.add("z\nc", True) and not keys.add("y", True)
+    assert keys.add("", True) and keys.add("zz", True)
+    assert state.seen.add("zz") and not state.seen.add("new")
+
+
+def test_chunk_items_of_a_plain_file_are_read_there_and_checked(tmp_path, small_chunks):
+    src = tmp_path / "plain.tar"
+    with open(src, "wb") as f, TarWriter(f) as w:
+        for i in range(50):
+            w.write({"__key__": "s%02d" % i, "txt": b"t" * 700})
+    with open(src, "rb") as raw:
+        stream = tario.open_decompressed(raw, str(src))
+        path = processing._plain_file(raw, stream)
+        assert path == str(src)
+        items = list(processing._chunk_items(stream.read, str(src), None, {}, [], path))
+    assert len(items) > 10 and all(item.data is None for item in items)
+    files = {}
+    blob = src.read_bytes()
+    assert b"".join(item.read(files) for item in items) == blob[:-512]
+    at = items[3].offset  # changed since: not used
+    src.write_bytes(blob[:at] + b"x" * 512 + blob[at + 512 : items[-2].offset + 100])
+    assert [item.read(files) is None for item in items] == [False] * 3 + [True] + [False] * (len(items) - 6) + [True] * 2
+    for fd in files.values():
+        os.close(fd)
+    gz = [s for s in SHARDS if s.endswith(".tgz")][0]
+    with open(gz, "rb") as raw:
+        assert processing._plain_file(raw, tario.open_decompressed(raw, gz)) is None

@@ -219,3 +219,49 @@ def test_identity_copy_recompresses_by_name(data):
     sh("tarproc 'imagenet_train-{0000..0001}.tgz' -o all.tar.zst", data, check=True)
     assert (data / "all.tar.zst").read_bytes()[:4] == b"\x28\xb5\x2f\xfd"
     assert len(keys_of(data / "all.tar.zst")) == 20
+
+
+def test_python_at_p2_in_chunks_is_the_same_as_at_p1(data):
+    (data / "m.py").write_text(
+        "import sys\n"
+        "def process_sample(s):\n"
+        "    print(s['__key__'])\n"
+        "    if int(s['cls']) % 3 == 0: return None\n"
+        "    if int(s['cls']) % 3 == 1: return s\n"
+        "    return [dict(s, __key__=s['__key__'] + '_a'), {'__key__': s['__key__'] + '_b', 'n': b'1'}]\n")
+    runs = [sh(f"tarproc -P m.py 'imagenet_train-{{0000..0003}}.tgz' -p {p} -o out{p}.tar", data, check=True)
+            for p in (1, 2)]
+    assert (data / "out1.tar").read_bytes() == (data / "out2.tar").read_bytes()
+    assert runs[0].stdout == runs[1].stdout and len(runs[0].stdout.splitlines()) == 40
+    summary = [r.stderr.decode().split(";")[0] for r in runs]
+    assert summary[0] == summary[1] and "40 in," in summary[0]
+
+
+def test_python_at_p2_failure_aborts_or_is_skipped(data):
+    (data / "m.py").write_text(
+        "def process_sample(s):\n"
+        "    if s['__key__'].endswith(KEY): raise ValueError('broken ' + s['__key__'])\n"
+        "    return s\n"
+        f"KEY = {keys_of(data / 'imagenet_train-0001.tgz')[4]!r}\n")
+    key = keys_of(data / "imagenet_train-0001.tgz")[4]
+    procs = [sh(f"tarproc -P m.py 'imagenet_train-{{0000..0003}}.tgz' -p {p} -o out.tar", data) for p in (1, 2)]
+    err = procs[1].stderr.decode()
+    assert procs[1].returncode == 1 and err == procs[0].stderr.decode()  # the traceback's tail too
+    assert err.startswith(f"tarproc: error: sample {key!r} failed (exception)") and "ValueError" in err
+    assert not (data / "out.tar").exists()
+    proc = sh("tarproc --errors skip -P m.py 'imagenet_train-{0000..0003}.tgz' -p 2 -o out.tar", data, check=True)
+    assert "40 in, 39 out, 0 dropped, 1 skipped" in proc.stderr.decode()
+    assert key not in keys_of(data / "out.tar")
+
+
+def test_python_at_p2_sigterm_leaves_nothing(data):
+    (data / "slow.py").write_text("import time\ndef process_sample(s):\n    time.sleep(0.5)\n    return s\n")
+    proc = subprocess.Popen([str(BIN / "tarproc"), "-p", "2", "-P", "slow.py",
+                             "imagenet_train-0000.tgz", "imagenet_train-0001.tgz", "-o", "out.tar"],
+                            cwd=data, env=shell_env(), stderr=subprocess.PIPE)
+    time.sleep(2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143, err
+    assert not (data / "out.tar").exists()
+    assert [p for p in os.listdir(data) if p.startswith(".out.tar")] == []

@@ -40,6 +40,7 @@ import collections
 import os
 import queue
 import signal
+import sys
 import threading
 import time
 
@@ -58,6 +59,8 @@ TARGET_BATCH_SECONDS = 0.005
 INLINE_SHARE = 8
 #: Batches queued per worker (one running, one waiting), so a worker never idles for input.
 BATCHES_PER_WORKER = 2
+#: A worker's thread switch interval (seconds; see _worker_main).
+SWITCH_INTERVAL = 0.0002
 #: Default bound on samples in flight, per process.
 IN_FLIGHT_PER_PROCESS = 4 * MAX_BATCH
 #: Default bound on input bytes in flight, per process.
@@ -234,19 +237,38 @@ def _worker_main(conn, runner, options, inherited):
         except (EOFError, OSError):
             inbox.put(None)
 
+    def _sender():
+        # Send results while the next batch runs: a large result would otherwise wait in
+        # send() until the parent reads it, which may be busy running a batch itself.
+        try:
+            while True:
+                data = outbox.get()
+                if data is None:
+                    return
+                conn.send_bytes(data)
+        except OSError:  # the parent is gone: _reader ends the loop
+            pass
+
+    from multiprocessing.reduction import ForkingPickler
+
+    # The threads moving messages wait for the GIL at every read or write of a large one
+    # while a batch runs: let them have it soon (the default is 5 ms), or the parent waits
+    # in its send, and the worker for its next batch.
+    sys.setswitchinterval(SWITCH_INTERVAL)
+    outbox = queue.SimpleQueue()
     threading.Thread(target=_reader, daemon=True).start()
+    threading.Thread(target=_sender, daemon=True).start()
     try:
         while True:
             batch = inbox.get()
-            if batch is None:
+            if batch is None:  # (the parent sends it once it has every result)
                 break
             t0 = time.perf_counter()
             start, items = batch
             results = _run_batch((runner, decode, encode, keep, blocks), start, items, True)
-            conn.send((results, time.perf_counter() - t0))
-    except (EOFError, BrokenPipeError, ConnectionResetError):
-        pass
+            outbox.put(ForkingPickler.dumps((results, time.perf_counter() - t0)))
     finally:
+        outbox.put(None)
         close = getattr(runner, "close", None)
         if close is not None:
             close()
@@ -500,6 +522,12 @@ class SamplePool:
     process run a batch itself whenever every worker has its fill: N processes in all share N
     cores, instead of N workers plus a feeding process (which, when it has as much to do per
     sample as splitting a tar stream of tiny samples, is one process too many).
+
+    ``queue_depth``: batches sent to a worker and not yet answered, at most (default
+    :data:`BATCHES_PER_WORKER`); with ``parent_works``, the calling process runs a batch when
+    every worker has that many. Long batches (chunks of many samples) want one more: a worker
+    whose last answer has not been read yet (the calling process was running a batch) then
+    still has one to run.
     """
 
     def __init__(
@@ -518,6 +546,7 @@ class SamplePool:
         threads=None,
         blocks=False,
         parent_works=False,
+        queue_depth=BATCHES_PER_WORKER,
     ):
         if errors not in ERROR_POLICIES:
             raise ValueError(f"errors must be one of {ERROR_POLICIES}, not {errors!r}")
@@ -531,6 +560,7 @@ class SamplePool:
         self.encode = encode
         self.blocks = bool(blocks) and encode is not None
         self.parent_works = bool(parent_works)
+        self.queue_depth = max(1, int(queue_depth))
         self.max_in_flight = max(1, max_in_flight or IN_FLIGHT_PER_PROCESS * self.processes)
         self.max_bytes_in_flight = max_bytes_in_flight or (
             BYTES_IN_FLIGHT_PER_PROCESS * self.processes
@@ -877,12 +907,12 @@ class SamplePool:
         lookahead_size = 0
         try:
             while True:
-                # ---- dispatch: keep every worker at BATCHES_PER_WORKER batches, within budget;
+                # ---- dispatch: keep every worker at queue_depth batches, within budget;
                 # with parent_works, run one more batch here when they all have enough.
                 ran_here = None
                 while not exhausted and not failing:
                     w = min(workers, key=_outstanding) if workers else None
-                    here = w is None or len(w.batches) >= BATCHES_PER_WORKER
+                    here = w is None or len(w.batches) >= self.queue_depth
                     if here and not parent_works:
                         break
                     # Room for this many more samples (counts and bytes are added up once
@@ -948,21 +978,24 @@ class SamplePool:
                 ready = _wait_conns(busy, 0 if ran_here is not None else None) if busy else []
                 for conn in ready:
                     w = by_conn[conn]
-                    try:
-                        results, seconds = conn.recv()
-                    except (EOFError, OSError):
-                        w.proc.join(0.5)
-                        raise RuntimeError(
-                            f"tarproc worker {w.proc.pid} died (exit code {w.proc.exitcode})"
-                        ) from None
-                    batch = w.batches.popleft()
-                    batch.results = results
-                    self._timed(batch, seconds)
-                    for r in results:
-                        if r[1] == 2 or (abort and r[1] == 1):
-                            failing = True
-                    if not ordered:
-                        done.append(batch)
+                    while True:  # every answer already there: the worker may have run several
+                        try:
+                            results, seconds = conn.recv()
+                        except (EOFError, OSError):
+                            w.proc.join(0.5)
+                            raise RuntimeError(
+                                f"tarproc worker {w.proc.pid} died (exit code {w.proc.exitcode})"
+                            ) from None
+                        batch = w.batches.popleft()
+                        batch.results = results
+                        self._timed(batch, seconds)
+                        for r in results:
+                            if r[1] == 2 or (abort and r[1] == 1):
+                                failing = True
+                        if not ordered:
+                            done.append(batch)
+                        if not w.batches or not conn.poll():
+                            break
 
                 # ---- hand out results: batches in input order, or as they came
                 if ordered:

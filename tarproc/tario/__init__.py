@@ -6,7 +6,16 @@ extension; see ``iter_samples`` and ``TarWriter``.
 """
 
 from .compress import compression_for_name, open_decompressed
-from .reader import TarioWarning, decode_raw_sample, iter_members, iter_raw_samples, iter_samples
+from .reader import (
+    StreamState,
+    TarioWarning,
+    decode_raw_sample,
+    iter_chunk_samples,
+    iter_chunks,
+    iter_members,
+    iter_raw_samples,
+    iter_samples,
+)
 from .writer import TarWriter, encode_samples
 
 __all__ = [
@@ -15,6 +24,9 @@ __all__ = [
     "iter_samples",
     "iter_raw_samples",
     "decode_raw_sample",
+    "iter_chunks",
+    "iter_chunk_samples",
+    "StreamState",
     "TarWriter",
     "encode_samples",
     "compression_for_name",

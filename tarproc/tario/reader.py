@@ -24,7 +24,8 @@ from tarproc.errors import FormatError, UnsafeNameError
 from .compress import open_decompressed
 from .names import is_meta_name, split_name, unsafe_reason
 
-__all__ = ["iter_members", "iter_samples", "iter_raw_samples", "decode_raw_sample", "TarioWarning"]
+__all__ = ["iter_members", "iter_samples", "iter_raw_samples", "decode_raw_sample", "TarioWarning",
+           "iter_chunks", "iter_chunk_samples", "StreamState"]
 
 _CHUNK = 1 << 20  # bytes asked of the underlying stream per read
 _BIG = 1 << 16  # members at least this large are read straight into their own bytes object
@@ -53,6 +54,10 @@ class TarioWarning(UserWarning):
 
 def _warn(message, stacklevel=3):
     warnings.warn(message, TarioWarning, stacklevel=stacklevel)
+
+
+def _raise_warning(message, stacklevel=None):
+    raise TarioWarning(message)
 
 
 def _octal(field):
@@ -122,6 +127,55 @@ def _decode(raw):
     return raw.decode("utf-8", "surrogateescape")
 
 
+def _trailing_data(rest, read, eof):
+    """True if what follows the end-of-archive block, ``rest`` and then (unless ``eof``) all
+    that ``read`` gives, holds anything but zeros; reads the stream to its end (so that a
+    compressed stream is checked to its end)."""
+    trailing = bool(bytes(rest).strip(b"\0"))
+    while not eof:
+        data = read(_CHUNK)
+        if not data:
+            break
+        if not trailing and data.strip(b"\0"):
+            trailing = True
+    return trailing
+
+
+def _read_until(read, parts, have, n, step):
+    """Append what ``read`` gives (``step`` bytes at least at a time) to ``parts`` until
+    ``have`` bytes become ``n`` or the stream ends: ``(have, ended)``."""
+    while have < n:
+        data = read(max(n - have, step))
+        if not data:
+            return have, True
+        parts.append(data)
+        have += len(data)
+    return have, False
+
+
+def _header_name(buf, pos):
+    """The name field of the header at ``buf[pos:]``, with its ustar prefix, as a str."""
+    nul = buf.find(0, pos, pos + 100)
+    raw = buf[pos:nul] if nul >= 0 else buf[pos : pos + 100]
+    if buf[pos + 345] != 0 and buf.startswith(_POSIX_MAGIC, pos + 257):
+        prefix = buf[pos + 345 : pos + 500]
+        nul = prefix.find(0)
+        if nul >= 0:
+            prefix = prefix[:nul]
+        raw = prefix + b"/" + raw
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def _header_size(buf, pos):
+    """The size field of the header at ``buf[pos:]`` (octal or base-256); None if malformed."""
+    if buf[pos + 135] in (0, 32):
+        try:
+            return int(buf[pos + 124 : pos + 135], 8)
+        except ValueError:
+            pass
+    return _octal(buf[pos + 124 : pos + 136])
+
+
 def iter_members(fileobj, url="-", max_member_size=None, *, unsafe="error"):
     """Yield ``(name, data)`` for every regular file in a tar stream, in archive order.
 
@@ -143,7 +197,7 @@ def iter_members(fileobj, url="-", max_member_size=None, *, unsafe="error"):
 
 
 def _members(read, readinto, url, max_member_size, unsafe, buf=b"", base=0, direct_read=None,
-             samples=False, strict=False):
+             samples=False, strict=False, state=None):
     """The body of ``iter_members`` on an opened (uncompressed) stream's ``read``/``readinto``.
 
     With ``read=None``, parse the tar members held in ``buf`` (bytes-like) alone, reporting
@@ -151,7 +205,9 @@ def _members(read, readinto, url, max_member_size, unsafe, buf=b"", base=0, dire
     ``direct_read()``, if given, returns a faster equivalent of ``read`` once there is one
     (the underlying stream's own, once a prefix is used up), else None. With ``samples=True``
     the members are grouped and the samples yielded: the body of ``iter_samples`` (``strict``
-    is its argument), in one generator rather than two for speed.
+    is its argument), in one generator rather than two for speed. ``state`` (a StreamState,
+    with ``samples=True``) is what the stream before ``buf`` left, and is brought up to date
+    when the members end: a stream read in pieces reports as one read at once.
     """
     # Chunks are read into two reused buffers in turn (the previous one may still hold the
     # start of a member that straddles chunks): no allocation, no fresh pages per chunk.
@@ -172,21 +228,23 @@ def _members(read, readinto, url, max_member_size, unsafe, buf=b"", base=0, dire
     sample = None
     key = None
     blocks = None
-    if samples:
-        seen = _SeenKeys()
-        slots = seen._slots  # seen.add(k), inline (see _SeenKeys.add)
-        mask = seen._mask
-        nseen = 0
-    nsplit = 0
-    nnokey = 0
+    if state is None:
+        state = StreamState()
+    seen = state.seen
+    slots = seen._slots  # seen.add(k), inline (see _SeenKeys.add)
+    mask = seen._mask
+    nseen = seen._count
+    nsplit = state.nsplit
+    nnokey = state.nnokey
     limit = (1 << 64) if max_member_size is None else max_member_size  # in the fast lane
     buf = buf if buf.__class__ is bytes else memoryview(buf)  # the current chunk of the stream
     pos = 0  # read position in buf
     eof = read is None
-    last = None  # name of the last member read, for error messages
+    last = state.last  # name of the last member read, for error messages
     long_name = None
     pax = None
-    nwarn = 0
+    nwarn = state.nwarn
+    warn = state.warn
 
     def take(n, keep=True):
         """The next n bytes of the stream as bytes (fewer at its end); or, with keep=False,
@@ -530,9 +588,9 @@ def _members(read, readinto, url, max_member_size, unsafe, buf=b"", base=0, dire
                 if kind is not None:
                     nwarn += 1
                     if nwarn <= _MAX_WARNINGS:
-                        _warn(f"{where(offset, name)}: skipping {kind} (links and special files are never followed)")
+                        warn(f"{where(offset, name)}: skipping {kind} (links and special files are never followed)")
                     elif nwarn == _MAX_WARNINGS + 1:
-                        _warn(f"{url}: further skipped members are not reported")
+                        warn(f"{url}: further skipped members are not reported")
                 continue
             elif typeflag in (b"L", b"K", b"x", b"X", b"g"):
                 meta = True
@@ -558,9 +616,9 @@ def _members(read, readinto, url, max_member_size, unsafe, buf=b"", base=0, dire
         if skip is not None:
             nwarn += 1
             if nwarn <= _MAX_WARNINGS:
-                _warn(f"{where(offset, name)}: skipping {skip}")
+                warn(f"{where(offset, name)}: skipping {skip}")
             elif nwarn == _MAX_WARNINGS + 1:
-                _warn(f"{url}: further skipped members are not reported")
+                warn(f"{url}: further skipped members are not reported")
             if len(buf) - pos >= padded:
                 pos += padded
             elif take(padded, keep=False) < padded:
@@ -612,9 +670,9 @@ def _members(read, readinto, url, max_member_size, unsafe, buf=b"", base=0, dire
         if k is None:
             nnokey += 1
             if nnokey <= _MAX_WARNINGS:
-                _warn(f"{url}: skipping member {name!r}: no extension, so it belongs to no sample", 4)
+                warn(f"{url}: skipping member {name!r}: no extension, so it belongs to no sample", 4)
             elif nnokey == _MAX_WARNINGS + 1:
-                _warn(f"{url}: further members without extension are not reported", 4)
+                warn(f"{url}: further members without extension are not reported", 4)
             continue
         if k != key:
             if sample is not None:
@@ -646,13 +704,13 @@ def _members(read, readinto, url, max_member_size, unsafe, buf=b"", base=0, dire
                     )
                 nsplit += 1
                 if nsplit <= _MAX_WARNINGS:
-                    _warn(
+                    warn(
                         f"{url}: sample {k!r} is split: its members are not consecutive; "
                         f"reading member {name!r} as a separate sample",
                         4,
                     )
                 elif nsplit == _MAX_WARNINGS + 1:
-                    _warn(f"{url}: further split samples are not reported", 4)
+                    warn(f"{url}: further split samples are not reported", 4)
             key = k
             sample = {"__key__": k, "__url__": url}
             blocks = []  # the members' headers while the sample is what TarWriter writes for it
@@ -678,15 +736,10 @@ def _members(read, readinto, url, max_member_size, unsafe, buf=b"", base=0, dire
                 blocks = None
 
     # --- end of archive: check the rest of the stream is only padding ---
-    trailing = bool(bytes(buf[pos:]).strip(b"\0"))
-    while not eof:
-        data = read(_CHUNK)
-        if not data:
-            break
-        if not trailing and data.strip(b"\0"):
-            trailing = True
-    if trailing:
-        _warn(f"{url}: data after the end-of-archive block ignored")
+    if _trailing_data(buf[pos:], read, eof):
+        warn(f"{url}: data after the end-of-archive block ignored")
+    seen._count = nseen
+    state.nsplit, state.nnokey, state.nwarn, state.last = nsplit, nnokey, nwarn, last
     if sample is not None:
         if blocks is not None:
             _last_read[0] = (sample, tuple(sample), tuple(sample.values()), blocks)
@@ -785,14 +838,7 @@ def iter_raw_samples(fileobj, url="-", *, strict=False, max_member_size=None, un
                 seg = cut
             keep = seg if seg >= 0 else cut
             parts = [buf[keep:]]
-            have = len(buf) - pos
-            while have < 512:
-                data = read(chunk)
-                if not data:
-                    eof = True
-                    break
-                parts.append(data)
-                have += len(data)
+            _, eof = _read_until(read, parts, len(buf) - pos, 512, chunk)
             buf = b"".join(parts)
             base += keep
             pos -= keep
@@ -823,25 +869,10 @@ def iter_raw_samples(fileobj, url="-", *, strict=False, max_member_size=None, un
             name = long_name
             long_name = None
         else:
-            nul = buf.find(0, pos, pos + 100)
-            raw = buf[pos:nul] if nul >= 0 else buf[pos : pos + 100]
-            if buf[pos + 345] != 0 and buf.startswith(_POSIX_MAGIC, pos + 257):
-                prefix = buf[pos + 345 : pos + 500]
-                nul = prefix.find(0)
-                if nul >= 0:
-                    prefix = prefix[:nul]
-                raw = prefix + b"/" + raw
-            name = raw.decode("utf-8", "surrogateescape")
+            name = _header_name(buf, pos)
 
         # --- size ---
-        size = None
-        if buf[pos + 135] in (0, 32):
-            try:
-                size = int(buf[pos + 124 : pos + 135], 8)
-            except ValueError:
-                pass
-        if size is None:
-            size = _octal(buf[pos + 124 : pos + 136])
+        size = _header_size(buf, pos)
         if size is None or size < 0:
             check(buf[pos : pos + 512], offset)
             raise FormatError(f"{where(offset, name)}: invalid size field")
@@ -911,14 +942,8 @@ def iter_raw_samples(fileobj, url="-", *, strict=False, max_member_size=None, un
                 seg = mstart
             keep = seg if seg >= 0 else mstart
             parts = [buf[keep:]]
-            have = len(buf)
-            while have < end and not eof:
-                data = read(max(end - have, chunk))
-                if not data:
-                    eof = True
-                    break
-                parts.append(data)
-                have += len(data)
+            if not eof:
+                _, eof = _read_until(read, parts, len(buf), end, chunk)
             buf = b"".join(parts)
             base += keep
             pos -= keep
@@ -1014,14 +1039,7 @@ def iter_raw_samples(fileobj, url="-", *, strict=False, max_member_size=None, un
             yield sample_offset, buf[seg:mstart], nbytes
 
     # --- end of archive: check the rest of the stream is only padding ---
-    trailing = bool(buf[pos:].strip(b"\0"))
-    while not eof:
-        data = read(_CHUNK)
-        if not data:
-            break
-        if not trailing and data.strip(b"\0"):
-            trailing = True
-    if trailing:
+    if _trailing_data(buf[pos:], read, eof):
         _warn(f"{url}: data after the end-of-archive block ignored")
 
 
@@ -1168,6 +1186,178 @@ def _decode_raw(raw, url, offset):
     return sample, None
 
 
+def iter_chunk_samples(chunk, url, offset, state=None, *, read=None, strict=False,
+                       max_member_size=None, unsafe="error"):
+    """The samples of ``chunk``, tar members of ``url`` from stream offset ``offset`` (see
+    ``iter_chunks``), exactly as ``iter_samples`` yields them when it reads the whole stream.
+
+    ``state`` (a StreamState) is what the stream before ``chunk`` left: keys seen (for split
+    samples), warnings counted, the last member's name (for error messages); it is brought up to
+    date when the chunk ends. With ``read``, the stream goes on after ``chunk``, read from there.
+    """
+    return _members(read, None, url, max_member_size, unsafe, chunk, offset, samples=True,
+                    strict=strict, state=state)
+
+
+_CUT_TYPES = (48, 0, 55)  # "0", NUL, "7": regular members, which chunks may end between
+_META_TYPES = (76, 75, 120, 88, 103)  # "L", "K", "x", "X", "g": extended headers
+_NO_DATA_TYPES = tuple(t[0] for t in _NO_DATA)  # link, device, directory, fifo: no data blocks
+
+
+def iter_chunks(read, url="-", *, target=1 << 20, max_member_size=None):
+    """Cut an uncompressed tar stream (its ``read``) into chunks of whole samples, without
+    reading the samples: ``(offset, chunk, more)``, ``chunk`` the stream's bytes from ``offset``.
+
+    Only the headers' size fields are read to go from member to member (and extended headers,
+    which may change the size of the next member); names only once a chunk holds ``target``
+    bytes, to end it before a member that starts a sample: a regular member with a plain key
+    (``iter_samples``'s grouping) other than that of the regular member just before it.
+    ``iter_chunk_samples`` reads the chunks one after another with one StreamState as
+    ``iter_samples`` reads the stream, same samples, warnings and errors: what this cannot
+    read (a header it cannot size, a truncated stream) is left in the last chunk for the reader
+    to report; data after the end of the archive is read here, and stands in the last chunk as
+    one byte after its end block so that the reader warns of it at the same point.
+
+    ``more`` is True for a last chunk that stops short of the stream's end, where a member
+    (larger than ``max_member_size``, or sized by a damaged header) begins: the stream goes on
+    after it, to be read by ``iter_chunk_samples(..., read=read)``, not held in memory here.
+    """
+    buf = b""
+    base = 0  # stream offset of buf[0]
+    start = 0  # the open chunk's start in buf
+    pos = 0  # the next header in buf
+    mstart = 0  # the first header of the member at pos (its extended headers come first)
+    eof = False
+    long_name = pax = None
+    prev = None  # key of the member before, where a chunk may end after it (full chunks only)
+    step = max(_CHUNK, 4 * target)  # bytes read at once: a few chunks, so that what is left of
+    # the open chunk is copied a few times less often than new data comes in
+
+    def fill(n):
+        """Make buf hold n bytes from pos (dropping what lies before the chunk); False at the
+        stream's end."""
+        nonlocal buf, base, pos, mstart, start, eof
+        have = len(buf) - pos
+        if have >= n:
+            return True
+        parts = [memoryview(buf)[start:]]  # (joined below: no copy here)
+        if not eof:
+            have, eof = _read_until(read, parts, have, n, step)
+        buf = b"".join(parts)
+        base += start
+        pos -= start
+        mstart -= start
+        start = 0
+        return have >= n
+
+    limit = (1 << 64) if max_member_size is None else max_member_size
+    while True:
+        if len(buf) - pos < 512 and not fill(512):
+            break
+        if long_name is None and pax is None:
+            mstart = pos
+            if buf[pos + 156] == 48 and not buf[pos + 135]:
+                # The common case, in short: a regular member, its size in octal digits.
+                try:
+                    size = int(buf[pos + 124 : pos + 135], 8)
+                except ValueError:
+                    size = -1
+                if 0 <= size <= limit:
+                    end = 512 + ((size + 511) & ~511)
+                    if pos - start < target:
+                        prev = None
+                    else:
+                        key = _cut_key(buf, pos, 48, None, None)
+                        if key is not None and prev is not None and key != prev:
+                            yield base + start, buf[start:pos], False
+                            start = pos
+                        prev = key
+                    if len(buf) - pos < end and not fill(end):
+                        break
+                    pos += end
+                    continue
+        if buf[pos] == 0 and buf.startswith(_ZERO_BLOCK, pos):
+            pos += 512
+            trailing = _trailing_data(buf[pos:], read, eof)
+            yield base + start, buf[start:pos] + (b"\1" if trailing else b""), False
+            return
+        typeflag = buf[pos + 156]
+        size = _header_size(buf, pos)
+        ext_name, ext = long_name, pax  # what extended headers said of this member
+        long_name = pax = None
+        if ext is not None and "size" in ext:
+            try:
+                size = int(ext["size"])
+            except ValueError:
+                size = None
+        meta = typeflag in _META_TYPES
+        if (size is None or size < 0 or (meta and size > _MAX_META)
+                or (max_member_size is not None and size > max_member_size and typeflag in _CUT_TYPES)):
+            yield base + start, buf[start:], True
+            return
+        end = 512 if typeflag in _NO_DATA_TYPES else 512 + ((size + 511) & ~511)
+        if meta:
+            if not fill(end):
+                break
+            data = buf[pos + 512 : pos + 512 + size]
+            if typeflag == 76:  # "L"
+                nul = data.find(0)
+                long_name = _decode(data[:nul] if nul >= 0 else data)
+            elif typeflag == 120 or typeflag == 88:  # "x", "X"
+                try:
+                    pax = _parse_pax(data, url, base + pos)
+                except FormatError:
+                    yield base + start, buf[start:], True
+                    return
+        else:
+            key = None
+            if mstart - start >= target:
+                key = _cut_key(buf, pos, typeflag, ext_name, ext)
+                if key is not None and prev is not None and key != prev:
+                    yield base + start, buf[start:mstart], False
+                    start = mstart
+            prev = key
+            if not fill(end):
+                break
+        pos += end
+    if len(buf) > start:  # the stream ends (maybe inside a member: the reader says so)
+        yield base + start, buf[start:], False
+
+
+def _cut_key(buf, pos, typeflag, long_name, pax):
+    """The key of the member whose header is at ``buf[pos:]`` if a chunk may end next to it: a
+    regular member with a safe, plain name (no ``__`` start, an extension), else None."""
+    if typeflag not in _CUT_TYPES:
+        return None
+    name = long_name if long_name is not None else _header_name(buf, pos)
+    if pax is not None:
+        if "GNU.sparse.major" in pax or "GNU.sparse.size" in pax or "GNU.sparse.map" in pax:
+            return None
+        if "path" in pax:
+            name = _decode(pax["path"])
+    if name[:1] in ("/", "") or name[:2] == "__" or ".." in name or not name.isprintable():
+        return None
+    slash = name.rfind("/")
+    dot = name.find(".", slash + 1)
+    return name[:dot] if dot > slash + 1 else None
+
+
+class StreamState:
+    """What reading a tar stream up to some point leaves for reading on from there: the keys
+    seen (to notice split samples), the warnings counted per kind, the last member's name (for
+    error messages). See ``iter_chunk_samples``."""
+
+    __slots__ = ("seen", "nsplit", "nnokey", "nwarn", "last", "warn")
+
+    def __init__(self, keys=0, raise_warnings=False):
+        self.seen = _SeenKeys(keys)  # room for this many keys before the table grows
+        self.nsplit = self.nnokey = self.nwarn = 0
+        self.last = None
+        # raise_warnings: raise the first TarioWarning as an exception instead (without
+        # touching the warnings module's state, which all threads share)
+        self.warn = _raise_warning if raise_warnings else _warn
+
+
 class _SeenKeys:
     """A set of keys kept as 64-bit hashes in a flat open-addressing table (~16 bytes a key).
 
@@ -1178,11 +1368,14 @@ class _SeenKeys:
 
     __slots__ = ("_slots", "_mask", "_count")
 
-    def __init__(self):
+    def __init__(self, keys=0):
         from array import array
 
-        self._slots = array("q", bytes(8 * 1024))
-        self._mask = 1023
+        n = 1024
+        while n <= 2 * keys:
+            n *= 2
+        self._slots = array("q", bytes(8 * n))
+        self._mask = n - 1
         self._count = 0
 
     def add(self, key):
@@ -1203,18 +1396,44 @@ class _SeenKeys:
                 return True
             i = (i + 1) & mask
 
+    def add_all(self, keys):
+        """Remember the keys of ``keys`` (distinct) if none is there yet and return True; else
+        remember none of them and return False."""
+        if not isinstance(keys, list):
+            keys = list(keys)
+        while (self._count + len(keys)) * 2 > self._mask:  # room first: no growing on the way
+            self._grow()
+        slots = self._slots
+        mask = self._mask
+        hashes = [hash(k) or 1 for k in keys]
+        for n, h in enumerate(hashes):
+            i = h & mask
+            v = slots[i]
+            while v:
+                if v == h:  # seen: take back those of keys put in, last first (exact)
+                    for h in reversed(hashes[:n]):
+                        i = h & mask
+                        while slots[i] != h:
+                            i = (i + 1) & mask
+                        slots[i] = 0
+                    return False
+                i = (i + 1) & mask
+                v = slots[i]
+            slots[i] = h
+        self._count += len(hashes)
+        return True
+
     def _grow(self):
         from array import array
 
         old = self._slots
         mask = self._mask * 2 + 1
         slots = array("q", bytes(8 * (mask + 1)))
-        for h in old:
-            if h:
-                i = h & mask
-                while slots[i]:
-                    i = (i + 1) & mask
-                slots[i] = h
+        for h in filter(None, old):  # (the empty slots skipped in C)
+            i = h & mask
+            while slots[i]:
+                i = (i + 1) & mask
+            slots[i] = h
         self._slots = slots
         self._mask = mask
 
