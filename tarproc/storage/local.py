@@ -4,7 +4,6 @@ import glob as _glob
 import io
 import os
 import sys
-import tempfile
 
 from tarproc.storage.base import Writer, fail
 from tarproc.storage.urls import local_path
@@ -41,6 +40,8 @@ class LocalWriter(Writer):
             raise fail("cannot write", url, "not a file name")
         try:
             os.makedirs(directory, exist_ok=True)
+            import tempfile  # (~4 ms of imports, random and more, only writers need)
+
             fd, self.tmp = tempfile.mkstemp(prefix=f".{base}.tmp-", dir=directory)
             os.fchmod(fd, 0o666 & ~_umask())
         except OSError as exc:

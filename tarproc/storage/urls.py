@@ -5,7 +5,6 @@ Kept free of heavy imports so that every layer can classify and redact URLs chea
 
 import os
 import re
-from urllib.parse import unquote, urlsplit
 
 from tarproc.errors import StorageError
 
@@ -56,6 +55,8 @@ def local_path(url):
     url = os.fspath(url)
     if not url.startswith(("file:", "FILE:")) or scheme(url) != "file":
         return url
+    from urllib.parse import unquote, urlsplit  # (~3 ms of imports only file: URLs need)
+
     parts = urlsplit(url)
     if parts.netloc not in ("", "localhost"):
         raise StorageError(f"{redact(url)}: file URL names a remote host {parts.netloc!r}")
