@@ -6,6 +6,9 @@ time, in order), route each command's stdout, and write the outputs to a storage
 only when every sample went through (with `errors="abort"`, a failure leaves nothing behind).
 """
 
+import io
+import os
+import stat
 import sys
 import threading
 import time
@@ -288,10 +291,6 @@ def _chunk_items(read, url, max_member_size, held, tail, path=None):
 def _plain_file(raw, stream):
     """The path of the input `raw` if it is a local regular file read as it is (no
     decompression): stream offsets are file offsets there. Else None."""
-    import io
-    import os
-    import stat
-
     if type(raw) is not io.BufferedReader or not isinstance(stream, _PrefixedReader):
         return None
     try:
@@ -333,8 +332,6 @@ class _Chunk:
         keeps this process's open files by path."""
         if self.data is not None:
             return self.data
-        import os
-
         fd = files.get(self.path)
         if fd is None:
             fd = files[self.path] = os.open(self.path, os.O_RDONLY)
@@ -494,8 +491,6 @@ class _ChunkRunner:
             load()
 
     def close(self):
-        import os
-
         for fd in self.files.values():
             os.close(fd)
         self.files.clear()

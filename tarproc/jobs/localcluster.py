@@ -19,6 +19,7 @@ so a Ctrl-C at the terminal reaches only the driver, which shuts them down in or
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
@@ -197,9 +198,11 @@ def _make_cluster_class():
                     time.sleep(0.02)
             if pending:  # seeds run in sessions of their own: their groups hold every worker
                 for proc in self._procs:
-                    _kill(lambda: os.killpg(proc.pid, signal.SIGKILL))
+                    with contextlib.suppress(OSError):
+                        os.killpg(proc.pid, signal.SIGKILL)
                 for pid in pending:
-                    _kill(lambda: os.kill(pid, signal.SIGKILL))
+                    with contextlib.suppress(OSError):
+                        os.kill(pid, signal.SIGKILL)
             for proc in self._procs:
                 try:
                     proc.wait(timeout=grace)
@@ -208,13 +211,6 @@ def _make_cluster_class():
             self._procs = []
 
     return ForkedCluster
-
-
-def _kill(fn):
-    try:
-        fn()
-    except OSError:
-        pass
 
 
 def _alive(pid) -> bool:
@@ -282,9 +278,9 @@ def _serve(orders, name):
 
     from distributed import Worker
 
-    for logger in ("distributed", "distributed.worker", "distributed.core", "distributed.comm",
-                   "distributed.batched", "tornado.application"):
-        logging.getLogger(logger).setLevel(logging.ERROR)
+    from .cluster import _quiet_logs
+
+    _quiet_logs()
 
     async def run():
         worker = Worker(orders["address"], nthreads=orders["nthreads"], name=name,
