@@ -103,12 +103,14 @@ def test_workers_exit_when_the_driver_is_sigkilled(tmp_path):
 
 
 def test_ctrl_c_reaches_the_driver_which_stops_the_workers(tmp_path):
-    code = """
+    code = r"""
         import os, sys, time
         from tarproc.jobs.driver import run_items
 
         def slow(x):
-            print(os.getpid(), flush=True)
+            # one write per line: both workers share this pipe, and print() writes twice
+            # when stdout is unbuffered (PYTHONUNBUFFERED=1)
+            os.write(1, b"%d\n" % os.getpid())
             time.sleep(30)
             return x
 
