@@ -3,8 +3,10 @@ deliberately flaky HTTP server), all on 127.0.0.1. Fixtures come from tests/serv
 
 import hashlib
 import os
+import stat
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -124,6 +126,62 @@ def test_local_garbage_collected_writer_is_aborted(tmp_path):
     w.write(b"partial")
     del w
     assert not target.exists() and _leftovers(tmp_path) == []
+
+
+def test_local_fifo_is_written_into_not_replaced(tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got = []
+    # (a daemon: if the FIFO were replaced, the reader would wait on it for ever)
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    with storage.open_write(str(fifo)) as w:
+        w.write(b"through the pipe")
+    reader.join(10)
+    assert got == [b"through the pipe"]
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and _leftovers(tmp_path) == []
+
+
+def test_local_dev_paths_are_written_into_not_replaced(tmp_path):
+    """``-o /dev/null``, ``/dev/stdout``: once replaced /dev/null with a regular file."""
+    before = os.lstat("/dev/null")
+    try:
+        with storage.open_write("/dev/null") as w:
+            w.write(b"x" * 100_000)
+        assert not [n for n in os.listdir("/dev") if n.startswith(".null.tmp-")]
+        after = os.lstat("/dev/null")
+        assert stat.S_ISCHR(after.st_mode) and after.st_ino == before.st_ino
+        out = tmp_path / "out"
+        code = ("from tarproc import storage\n"
+                "with storage.open_write('/dev/stdout') as w:\n    w.write(b'to stdout')\n")
+        with open(out, "wb") as f:
+            subprocess.run([sys.executable, "-c", code], stdout=f, check=True)
+        assert out.read_bytes() == b"to stdout"
+        assert os.path.islink("/dev/stdout")
+    finally:
+        if not stat.S_ISCHR(os.lstat("/dev/null").st_mode):  # never leave the machine broken
+            os.unlink("/dev/null")
+            os.mknod("/dev/null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+            os.chmod("/dev/null", 0o666)
+
+
+def test_local_symlink_stays_a_link_to_the_new_file(tmp_path):
+    real = tmp_path / "data" / "real.tar"
+    real.parent.mkdir()
+    real.write_bytes(b"old")
+    link = tmp_path / "link.tar"
+    link.symlink_to(real)
+    with storage.open_write(str(link)) as w:
+        w.write(b"new")
+    assert link.is_symlink() and real.read_bytes() == b"new"
+    assert sorted(os.listdir(tmp_path)) == ["data", "link.tar"] and os.listdir(real.parent) == ["real.tar"]
+
+
+def test_local_directory_target_is_an_error_before_writing(tmp_path):
+    (tmp_path / "d").mkdir()
+    with pytest.raises(StorageError, match="is a directory"):
+        storage.open_write(str(tmp_path / "d"))
+    assert os.listdir(tmp_path) == ["d"] and os.listdir(tmp_path / "d") == []
 
 
 def test_file_url_list_glob_remove(tmp_path):

@@ -265,3 +265,14 @@ def test_python_at_p2_sigterm_leaves_nothing(data):
     assert proc.returncode == 143, err
     assert not (data / "out.tar").exists()
     assert [p for p in os.listdir(data) if p.startswith(".out.tar")] == []
+
+
+def test_output_to_dev_stdout_and_a_fifo_writes_into_them(data):
+    """-o /dev/stdout, -o FIFO: written into as they are (never a temp file renamed over them)."""
+    proc = sh("tarproc -q -c true -o /dev/stdout imagenet_train-0000.tgz | tar tf - | wc -l", data, check=True)
+    assert proc.stdout.decode().split() == ["30"]
+    proc = sh("mkfifo out.fifo && { tar tf - < out.fifo | wc -l & } && "
+              "tarproc -q -c true -o out.fifo imagenet_train-0000.tgz && wait && test -p out.fifo",
+              data, check=True)
+    assert proc.stdout.decode().split() == ["30"]
+    assert not [n for n in os.listdir(data) if ".tmp-" in n]

@@ -287,6 +287,12 @@ class JobResult:
         """The result as JSON text; also written to ``path`` when given."""
         text = json.dumps(self.to_dict(), indent=indent, default=repr)
         if path is not None:
+            from tarproc.storage.local import _write_in_place
+
+            if _write_in_place(os.path.abspath(path)):  # --stats /dev/stdout: never replace it
+                with open(path, "w", encoding="utf-8") as f:
+                    f.write(text + "\n")
+                return text
             tmp = f"{path}.tmp-{os.getpid()}"
             with open(tmp, "w", encoding="utf-8") as f:
                 f.write(text + "\n")

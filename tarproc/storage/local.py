@@ -3,6 +3,7 @@
 import glob as _glob
 import io
 import os
+import stat
 import sys
 
 from tarproc.storage.base import Writer, fail
@@ -24,20 +25,50 @@ def open_read(url):
         raise fail("cannot open", url, exc) from exc
 
 
+def _write_in_place(path):
+    """True for a destination to write into as it is, never to replace: a device, FIFO or
+    socket (``/dev/null``, ``/dev/stdout``, a named pipe, ``/dev/fd/63`` of a ``>(...)``), or
+    anything under ``/dev/`` or ``/proc/``. A temp file renamed over one of those would take its
+    place (``-o /dev/null`` would leave a regular file there for every other program)."""
+    if path.startswith(("/dev/", "/proc/")):
+        return True
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not stat.S_ISREG(mode) and not stat.S_ISDIR(mode)
+
+
 class LocalWriter(Writer):
     """Writes to ``.NAME.tmp-XXXX`` beside the target and renames it into place on commit.
 
     The rename is atomic within a filesystem, so a reader sees either no file or the complete
     one; an aborted or crashed write leaves at most the hidden temp file (removed on abort).
+    A symbolic link stays a link: the file it points to is the one replaced. A device, FIFO or
+    socket (see :func:`_write_in_place`) is written into directly, as standard output is: what
+    was written before an abort cannot be taken back there.
     """
 
     def __init__(self, url, fsync=False):
         super().__init__(url)
         self.path = os.path.abspath(local_path(url))
         self.fsync = fsync
+        self.tmp = None
         directory, base = os.path.split(self.path)
         if not base:
             raise fail("cannot write", url, "not a file name")
+        if _write_in_place(self.path):
+            try:
+                self.file = open(self.path, "wb", buffering=1 << 20)
+            except OSError as exc:
+                raise fail("cannot write", url, exc) from exc
+            return
+        if os.path.isdir(self.path):
+            raise fail("cannot write", url, "is a directory")
+        if os.path.islink(self.path):
+            self.path = os.path.realpath(self.path)
+            directory = os.path.dirname(self.path)
+            base = os.path.basename(self.path)
         try:
             os.makedirs(directory, exist_ok=True)
             import tempfile  # (~4 ms of imports, random and more, only writers need)
@@ -57,9 +88,11 @@ class LocalWriter(Writer):
     def _commit(self):
         try:
             self.file.flush()
-            if self.fsync:
+            if self.fsync and self.tmp is not None:
                 os.fsync(self.file.fileno())
             self.file.close()
+            if self.tmp is None:
+                return
             os.replace(self.tmp, self.path)
             if self.fsync:
                 dfd = os.open(os.path.dirname(self.path), os.O_RDONLY)
@@ -75,6 +108,8 @@ class LocalWriter(Writer):
             self.file.close()
         except OSError:
             pass
+        if self.tmp is None:
+            return
         try:
             os.unlink(self.tmp)
         except FileNotFoundError:
