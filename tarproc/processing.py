@@ -165,9 +165,7 @@ def process_stream(inputs, output=None, runner=None, *, processes=1, ordered=Tru
     result = StreamResult()
     sink = streams.SampleWriter(output, sha256=False) if output else None
     if sink is None and isinstance(runner, ShellRunner) and runner.collect and not raw:
-        import copy
-
-        runner = copy.copy(runner)  # outputs are not written: do not read them back (a copy
+        runner = runner.__copy__()  # outputs are not written: do not read them back (a copy
         runner.collect = False      # drops per-process state, and leaves the caller's alone)
     bar = _progress_bar(progress)
     try:

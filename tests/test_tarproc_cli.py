@@ -276,3 +276,19 @@ def test_output_to_dev_stdout_and_a_fifo_writes_into_them(data):
               data, check=True)
     assert proc.stdout.decode().split() == ["30"]
     assert not [n for n in os.listdir(data) if ".tmp-" in n]
+
+
+def test_help_fits_the_terminal_width_and_start_imports_stay_lean(data):
+    """--help is as wide as $COLUMNS; building the parser imports neither shutil nor copy
+    (argparse would import shutil, and with it bz2 and lzma, just to find that width)."""
+    proc = sh("COLUMNS=60 tarproc --help", data, check=True)
+    text = proc.stdout.decode()
+    usage = text.split("\n\n")[0].splitlines()
+    options = text.split("options:\n")[1].split("\n\n")[0].splitlines()  # (the rest: as written)
+    assert len(usage) > 3 and len(options) > 20
+    assert max(len(line) for line in usage + options) <= 60
+    code = ("import sys; from tarproc.cli.tarproc_cmd import build_parser; build_parser()\n"
+            "import tarproc.processing\n"
+            "print(sorted(m for m in ('shutil', 'copy', 'bz2', 'lzma') if m in sys.modules))")
+    proc = sh(f"python -c \"{code}\"", data, check=True)
+    assert proc.stdout.decode().strip() == "[]"

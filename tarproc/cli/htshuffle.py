@@ -8,7 +8,7 @@
 import argparse
 import sys
 
-from .common import add_job_options, prestart_if_local, run_main
+from .common import HelpFormatter, add_job_options, prestart_if_local, run_main
 
 EPILOG = """\
 Every sample lands in a uniformly random output shard, shard sizes are balanced, and each output
@@ -65,7 +65,7 @@ def report(prog, result, args):
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="htshuffle", description="Globally shuffle sharded tar files into N new shards.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EPILOG, formatter_class=HelpFormatter)
     add_io_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     add_twophase_options(parser)

@@ -6,7 +6,7 @@
 
 import argparse
 
-from .common import add_job_options, run_main
+from .common import HelpFormatter, add_job_options, run_main
 from .htshuffle import add_io_arguments, add_twophase_options, job_kwargs, report
 
 EPILOG = """\
@@ -38,7 +38,7 @@ a local temp dir, only for the local cluster; required with -c) and are removed 
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="htsort", description="Sort (and reduce) sharded tar files into N range-partitioned shards.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EPILOG, formatter_class=HelpFormatter)
     add_io_arguments(parser)
     parser.add_argument("-k", "--key", metavar="FIELD",
                         help="sort by this field (default: __key__)")

@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from .common import add_job_options, error_line, prestart_if_local, run_main
+from .common import HelpFormatter, add_job_options, error_line, prestart_if_local, run_main
 
 PROG = "htupload"
 
@@ -34,7 +34,7 @@ without those samples and lists them. Either way the exit status is 1.
 def build_parser():
     parser = argparse.ArgumentParser(
         prog=PROG, usage="%(prog)s [options] [SOURCE ...] OUTPUT", description="Upload files as a sharded tar dataset (shards built in parallel on Dask).",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EPILOG, formatter_class=HelpFormatter)
     parser.add_argument("paths", nargs="+", metavar="SOURCE ... OUTPUT",
                         help="directories or plan files (or none with --files), then the output pattern")
     parser.add_argument("--files", metavar="LIST", help="read a list of files, one a line (- for stdin)")

@@ -6,7 +6,7 @@
 import argparse
 import sys
 
-from .common import error_line, run_main
+from .common import HelpFormatter, error_line, run_main
 
 PROG = "tarproc"
 
@@ -26,7 +26,7 @@ examples:
 
 def build_parser():
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0],
-                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog=EPILOG, formatter_class=HelpFormatter)
     p.add_argument("inputs", nargs="*", default=["-"],
                    help="input URLs or shard patterns (default: - for stdin)")
     what = p.add_mutually_exclusive_group()

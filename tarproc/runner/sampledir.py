@@ -427,6 +427,12 @@ class ShellRunner:
     def __setstate__(self, state):
         self.__dict__.update(state)
 
+    def __copy__(self):
+        """A copy without this one's per-process state (dirs, open files), as pickling gives."""
+        clone = self.__class__.__new__(self.__class__)
+        clone.__setstate__(self.__getstate__())
+        return clone
+
     def _state(self):
         """Per-process state, created on first use in each process (and again after a fork)."""
         local = self._local
