@@ -292,3 +292,13 @@ def test_help_fits_the_terminal_width_and_start_imports_stay_lean(data):
             "print(sorted(m for m in ('shutil', 'copy', 'bz2', 'lzma') if m in sys.modules))")
     proc = sh(f"python -c \"{code}\"", data, check=True)
     assert proc.stdout.decode().strip() == "[]"
+
+
+@pytest.mark.parametrize("tool", ["tarproc -q -c true -p 2", "tarproc -q", "tarcat"])
+def test_a_reader_that_goes_away_stops_the_command_quietly(data, tool):
+    """`... -o - | head -c 100`: exit 141 as a Unix filter killed by SIGPIPE, no error line."""
+    out = "" if tool == "tarcat" else " -o -"
+    proc = sh(f"{tool} imagenet_train-0000.tgz imagenet_train-0001.tgz{out} | head -c 100 | wc -c; "
+              "echo ${PIPESTATUS[0]}", data)
+    assert proc.stdout.decode().split() == ["100", "141"], proc.stderr.decode()
+    assert proc.stderr.decode() == ""

@@ -82,6 +82,8 @@ class LocalWriter(Writer):
     def _write(self, data):
         try:
             self.file.write(data)
+        except BrokenPipeError:
+            raise  # a FIFO whose reader went away: the command stops quietly, as `| head` asks
         except OSError as exc:
             raise fail("cannot write", self.url, exc) from exc
 
@@ -150,12 +152,16 @@ class StdoutWriter(Writer):
     def _write(self, data):
         try:
             self.stream.write(data)
+        except BrokenPipeError:
+            raise  # the reader went away (`| head`): the command stops quietly (run_main)
         except OSError as exc:
             raise fail("cannot write", "-", exc) from exc
 
     def _commit(self):
         try:
             self.stream.flush()
+        except BrokenPipeError:
+            raise
         except OSError as exc:
             raise fail("cannot write", "-", exc) from exc
 
