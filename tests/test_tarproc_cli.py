@@ -302,3 +302,20 @@ def test_a_reader_that_goes_away_stops_the_command_quietly(data, tool):
               "echo ${PIPESTATUS[0]}", data)
     assert proc.stdout.decode().split() == ["100", "141"], proc.stderr.decode()
     assert proc.stderr.decode() == ""
+
+
+def test_the_command_ends_without_teardown_but_with_everything_written_and_removed(data):
+    """The console script skips the interpreter's teardown (exit_fast): what it printed and
+    wrote must still be complete, and its temp dirs gone (atexit ran)."""
+    tmp = data / "tmp"
+    tmp.mkdir()
+    jpgs = sum(len(s["jpg"]) for s in iter_samples(str(data / "imagenet_train-0000.tgz")))
+    proc = sh(f"tarproc -q --tmpdir {tmp} -p 2 -c 'cat sample.jpg' imagenet_train-0000.tgz | wc -c",
+              data, check=True)
+    assert int(proc.stdout) == jpgs
+    proc = sh(f"tarproc -q --tmpdir {tmp} -c true imagenet_train-0000.tgz -o - > out.tar && "
+              "tar tf out.tar | wc -l", data, check=True)
+    assert proc.stdout.decode().split() == ["30"]
+    assert os.listdir(tmp) == []
+    proc = sh(f"tarproc -q --tmpdir {tmp} -c 'exit 3' imagenet_train-0000.tgz -o bad.tar", data)
+    assert proc.returncode == 1 and not (data / "bad.tar").exists() and os.listdir(tmp) == []

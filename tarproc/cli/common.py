@@ -54,8 +54,12 @@ def error_line(prog, message):
     print(f"{prog}: error: {text}", file=sys.stderr, flush=True)
 
 
-def run_main(prog, fn, argv=None):
-    """Run `fn(argv)` as a command's body and exit with a status that tells the truth."""
+def run_main(prog, fn, argv=None, fast_exit=False):
+    """Run `fn(argv)` as a command's body and exit with a status that tells the truth.
+
+    `fast_exit` (for a console script, never for a caller in Python): end the process without
+    the interpreter's teardown, see `exit_fast`.
+    """
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         status = fn(argv)
@@ -81,7 +85,35 @@ def run_main(prog, fn, argv=None):
     if os.environ.get("TARPROC_DEBUG") and status not in (0, None):
         import traceback
         traceback.print_exc()
+    if fast_exit:
+        exit_fast(status or 0)
     sys.exit(status or 0)
+
+
+def exit_fast(status):
+    """End the process as `sys.exit(status)` would, minus the interpreter's teardown.
+
+    The atexit handlers run (temp dirs, worker processes) and the standard streams are flushed;
+    what is skipped is freeing every module and object one by one, ~10 ms at the end of every
+    `tarproc` run. Only when no other non-daemon thread runs (those sys.exit waits for).
+    """
+    import threading
+
+    main = threading.main_thread()
+    if threading.current_thread() is not main or any(
+            t is not main and not t.daemon and t.is_alive() for t in threading.enumerate()):
+        sys.exit(status)
+    import atexit
+
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001 - what the teardown would have failed to write too
+                pass
+        os._exit(status)
 
 
 def add_cluster_options(parser):

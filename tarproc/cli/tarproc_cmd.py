@@ -107,8 +107,14 @@ def _status(status):
 
 
 def main(argv=None):
+    """`tarproc` as a Python function: exits through SystemExit."""
     run_main(PROG, main_body, argv)
 
 
+def command():
+    """The `tarproc` console script: `main` without the interpreter's teardown at exit."""
+    run_main(PROG, main_body, None, fast_exit=True)
+
+
 if __name__ == "__main__":
-    main()
+    command()
