@@ -70,6 +70,19 @@ def make_runner(command=None, script=None, python=None, *, interpreter=None, she
     return None
 
 
+def _is_our_stdout(output):
+    """True when the output URL is this process's standard output under another name
+    (``/dev/stdout``, ``/dev/fd/1``, the file or pipe stdout goes to): the commands' own output
+    must not go into the tar stream there either."""
+    if not output or "://" in output or output.startswith("pipe:"):
+        return False
+    try:
+        a, b = os.stat(output), os.fstat(1)
+    except (OSError, ValueError):
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
 class _CallableRunner:
     """Runs a Python callable as `process_sample` (same normalisation as script files)."""
 
@@ -129,7 +142,7 @@ def process_stream(inputs, output=None, runner=None, *, processes=1, ordered=Tru
     """
     started = time.monotonic()
     if stdout is None:
-        stdout = sys.stderr if output == "-" else sys.stdout
+        stdout = sys.stderr if output == "-" or _is_our_stdout(output) else sys.stdout
     stdout = getattr(stdout, "buffer", stdout)
     stderr = getattr(stderr or sys.stderr, "buffer", stderr or sys.stderr)
     unsafe = "skip" if errors == "skip" else "error"

@@ -464,3 +464,24 @@ def test_object_store_abort_leaves_nothing(bucket, nbytes):
 
         client = boto3.client("s3", endpoint_url=bucket.endpoint)
         assert "Uploads" not in client.list_multipart_uploads(Bucket=bucket.bucket)
+
+
+def test_a_server_without_put_fails_at_once_not_after_retries(tmp_path):
+    """A plain `python -m http.server` answers PUT and DELETE with 501, which no retry changes."""
+    from servers import free_port, wait_for_port
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+                              cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_for_port(port, proc=server)
+        url = f"http://127.0.0.1:{port}/up.tar"
+        started = time.monotonic()
+        with pytest.raises(StorageError, match=r"cannot write http://127\.0\.0\.1:\d+/up\.tar: HTTP 501"):
+            with storage.open_write(url) as w:
+                w.write(b"x" * 100_000)
+        assert time.monotonic() - started < 5
+        assert os.listdir(tmp_path) == []
+    finally:
+        server.kill()
+        server.wait()

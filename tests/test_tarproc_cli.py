@@ -129,7 +129,7 @@ def test_failure_aborts_with_key_status_and_stderr_and_no_output(data):
               "imagenet_train-0000.tgz -o out.tar", data)
     err = assert_one_line_error(proc, "tarproc")
     key = keys_of(data / "imagenet_train-0000.tgz")[3]
-    assert key in err and "exit status 7" in err and "broken image" in err
+    assert key in err and "failed: command exited with status 7" in err and "broken image" in err
     assert not (data / "out.tar").exists()
     assert [p for p in os.listdir(data) if p.startswith(".out.tar")] == []
 
@@ -319,3 +319,49 @@ def test_the_command_ends_without_teardown_but_with_everything_written_and_remov
     assert os.listdir(tmp) == []
     proc = sh(f"tarproc -q --tmpdir {tmp} -c 'exit 3' imagenet_train-0000.tgz -o bad.tar", data)
     assert proc.returncode == 1 and not (data / "bad.tar").exists() and os.listdir(tmp) == []
+
+
+def test_output_to_dev_stdout_keeps_command_output_out_of_the_tar(data):
+    """-o /dev/stdout is stdout: the commands' output goes to stderr there too, as with -o -."""
+    proc = sh("tarproc -q -c 'echo hi' imagenet_train-0000.tgz -o /dev/stdout | tar tf - | wc -l",
+              data, check=True)
+    assert proc.stdout.decode().split() == ["30"]
+    assert proc.stderr.decode().split() == ["hi"] * 10
+
+
+@pytest.mark.parametrize("how", ["-c 'echo a.b > __key__'", "-P dotkey.py", "-P dotkey.py -p 2"])
+def test_a_key_with_a_dot_fails_the_sample_in_one_line(data, how):
+    (data / "dotkey.py").write_text(
+        "def process_sample(s):\n    s['__key__'] += '.v2'\n    return s\n")
+    key = keys_of(data / "imagenet_train-0000.tgz")[0]
+    proc = sh(f"tarproc {how} imagenet_train-0000.tgz -o out.tar", data)
+    err = assert_one_line_error(proc, "tarproc")
+    assert f"sample {key!r}" in err and "refused" in err and len(err.splitlines()) == 1
+    assert not (data / "out.tar").exists()
+    proc = sh(f"tarproc --errors skip {how} imagenet_train-0000.tgz -o out.tar", data, check=True)
+    assert keys_of(data / "out.tar") == [] and "10 skipped" in proc.stderr.decode()
+    assert proc.stderr.decode().startswith("tarproc: warning: skipped: sample ")
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "soon"])
+def test_timeout_must_be_a_positive_number(data, value):
+    proc = sh(f"tarproc --timeout {value} -c true imagenet_train-0000.tgz", data)
+    assert proc.returncode == 2 and "--timeout" in proc.stderr.decode()
+    assert "Traceback" not in proc.stderr.decode()
+
+
+def test_warnings_are_one_line_each(data):
+    import tarfile
+
+    with tarfile.open(data / "links.tar", "w") as t:
+        for i in range(3):
+            info = tarfile.TarInfo(f"k{i}.lnk")
+            info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+            t.addfile(info)
+            info = tarfile.TarInfo(f"k{i}.txt")
+            info.size = 1
+            t.addfile(info, io.BytesIO(b"x"))
+    proc = sh("tarproc -q links.tar -o out.tar", data, check=True)
+    lines = proc.stderr.decode().splitlines()
+    assert len(lines) == 3 and all(line.startswith("tarproc: warning: ") for line in lines)
+    assert "k1.lnk" in lines[1] and len(keys_of(data / "out.tar")) == 3

@@ -54,6 +54,33 @@ def error_line(prog, message):
     print(f"{prog}: error: {text}", file=sys.stderr, flush=True)
 
 
+def warning_line(prog, message):
+    """Print `prog: warning: message` as one line on stderr."""
+    text = " ".join(str(message).split("\n")).strip()
+    print(f"{prog}: warning: {text}", file=sys.stderr, flush=True)
+
+
+#: Warnings of one kind shown by a command, at most; then one line says more were not shown.
+MAX_WARNINGS = 20
+
+
+def _one_line_warnings(prog):
+    """Show Python warnings (a skipped link, a split sample...) as `prog: warning: ...`, one
+    line each without the source line, and at most MAX_WARNINGS of each kind."""
+    import warnings
+
+    shown = {}
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        n = shown[category] = shown.get(category, 0) + 1
+        if n <= MAX_WARNINGS:
+            warning_line(prog, message)
+        elif n == MAX_WARNINGS + 1:
+            warning_line(prog, f"more warnings like these ({category.__name__}) are not shown")
+
+    warnings.showwarning = show
+
+
 def run_main(prog, fn, argv=None, fast_exit=False):
     """Run `fn(argv)` as a command's body and exit with a status that tells the truth.
 
@@ -61,6 +88,7 @@ def run_main(prog, fn, argv=None, fast_exit=False):
     the interpreter's teardown, see `exit_fast`.
     """
     signal.signal(signal.SIGTERM, _on_sigterm)
+    _one_line_warnings(prog)
     try:
         status = fn(argv)
     except Terminated:
@@ -122,6 +150,17 @@ def add_cluster_options(parser):
                         help="address of a running dask-scheduler (host:8786); default: start a local cluster")
     parser.add_argument("-j", "--workers", type=int, metavar="N",
                         help="worker processes of the local cluster (default: one per core)")
+
+
+def positive_seconds(text):
+    """argparse type of a time limit: a number of seconds above zero."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0:  # (also NaN)
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds: {text!r}")
+    return value
 
 
 def add_job_options(parser):

@@ -39,7 +39,7 @@ def add_io_arguments(parser):
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
                         help="input shards: a pattern such as 'data/Volume_@16.tgz' or {0000..0015}")
     parser.add_argument("output", metavar="OUTPUT",
-                        help="output shards, e.g. 'out/shuffled-@32.tgz' (the @N sets their number)")
+                        help="output shards, e.g. 'out/part-@32.tgz' (the @N sets their number)")
 
 
 def job_kwargs(args):

@@ -6,7 +6,7 @@
 import argparse
 import sys
 
-from .common import HelpFormatter, error_line, run_main
+from .common import HelpFormatter, error_line, positive_seconds, run_main, warning_line
 
 PROG = "tarproc"
 
@@ -46,9 +46,9 @@ def build_parser():
     p.add_argument("--count", type=int, metavar="N", help="stop after N input samples")
     p.add_argument("--errors", choices=["abort", "skip", "keep"], default="abort",
                    help="on a failing sample: stop (default), drop it, or pass it through unchanged")
-    p.add_argument("--timeout", type=float, metavar="SEC", help="per-sample time limit (kills the process group)")
+    p.add_argument("--timeout", type=positive_seconds, metavar="SEC", help="per-sample time limit (kills the process group)")
     p.add_argument("--add-log", metavar="EXT", help="also store each command's stdout in the sample as EXT")
-    p.add_argument("--tmpdir", metavar="DIR", help="where per-sample dirs go (default: /dev/shm if it has room, else $TMPDIR)")
+    p.add_argument("--tmpdir", metavar="DIR", help="where per-sample dirs go (default: $TMPDIR if set, else /dev/shm if it has room, else /tmp)")
     p.add_argument("--keep-dirs", action="store_true", help="keep per-sample dirs (debugging)")
     p.add_argument("--strict", action="store_true", help="a sample split in two places is an error, not a warning")
     p.add_argument("--max-member-size", type=int, metavar="BYTES", help="refuse tar members larger than this")
@@ -74,7 +74,8 @@ def main_body(argv=None):
     def on_failure(exc):
         failures.append(exc)
         if not args.quiet:
-            error_line(PROG, f"{args.errors}: {exc}")
+            done = "skipped" if args.errors == "skip" else "passed through unchanged"
+            warning_line(PROG, f"{done}: {exc}")
 
     try:
         result = process_stream(args.inputs, args.output, runner, processes=args.processes,
@@ -82,12 +83,16 @@ def main_body(argv=None):
                                 strict=args.strict, max_member_size=args.max_member_size,
                                 progress=not args.quiet and sys.stderr.isatty(), on_failure=on_failure)
     except SampleFailed as exc:
-        message = f"sample {exc.key!r} failed ({_status(exc.status)})"
         detail = str(exc)
-        if detail and exc.key is not None and repr(exc.key) not in detail:
-            message += f": {detail}"
-        elif detail:
-            message = detail if "failed" in detail else f"{message}: {detail}"
+        prefix = f"sample {exc.key!r}: "
+        if exc.key is not None and detail.startswith(prefix):
+            detail = detail[len(prefix):]  # (said once, in front)
+        if detail and (isinstance(exc.status, int) or exc.status == "timeout"):
+            message = f"sample {exc.key!r} failed: {detail}"  # the detail says how
+        else:
+            message = f"sample {exc.key!r} failed ({_status(exc.status)})"
+            if detail:
+                message += f": {detail}"
         error_line(PROG, message + ("; no output written" if args.output else ""))
         tail = (exc.stderr_tail or "").rstrip()
         if tail:

@@ -102,7 +102,7 @@ def _one(result, in_key, url, allow_default_key, owned=False):
             f"{type(key).__name__}, not str",
             in_key,
         )
-    check_key(key, "key returned by process_sample")
+    check_key(key, f"sample {in_key!r}: key returned by process_sample")
     fixed = None
     for name, value in out.items():
         if value.__class__ is bytes and name in _SAFE_EXTS:

@@ -42,7 +42,7 @@ DEFAULTS = {
     "queue_chunks": 8,  # PUT chunks buffered between the writer and its sending thread
 }
 
-_RETRY_STATUS = {408, 425, 429} | set(range(500, 600))
+_RETRY_STATUS = {408, 425, 429} | set(range(500, 600)) - {501, 505}  # (those two never change)
 _BROKEN = (
     requests.RequestException,
     urllib3.exceptions.HTTPError,
