@@ -19,7 +19,9 @@ def iter_raw_samples(source, *, strict=False, count=None, max_member_size=None, 
     seen = 0
     if count is not None and count <= 0:
         return
-    for url in shards.expand_inputs(source):
+    urls = list(shards.expand_inputs(source))
+    _check_local_inputs(urls)
+    for url in urls:
         with storage.open_read(url) as raw:
             for offset, data, nbytes in tario.iter_raw_samples(
                     raw, url=url, strict=strict, max_member_size=max_member_size, unsafe=unsafe):
@@ -38,7 +40,9 @@ def iter_samples(source, *, strict=False, count=None, max_member_size=None, unsa
     seen = 0
     if count is not None and count <= 0:
         return
-    for url in shards.expand_inputs(source):
+    urls = list(shards.expand_inputs(source))
+    _check_local_inputs(urls)
+    for url in urls:
         with storage.open_read(url) as raw:
             # (the reader recognises the compression itself, from magic bytes)
             for sample in tario.iter_samples(raw, url=url, strict=strict,
@@ -47,6 +51,19 @@ def iter_samples(source, *, strict=False, count=None, max_member_size=None, unsa
                 seen += 1
                 if count is not None and seen >= count:
                     return
+
+
+def _check_local_inputs(urls):
+    """Fail before the first sample, not after hours of work, when a local input is missing."""
+    import os
+
+    missing = [u for u in urls if u != "-" and storage.is_local(u)
+               and not os.path.exists(storage.local_path(u))]
+    if missing:
+        more = (f" ({len(missing) - 1} more of the {len(urls)} inputs missing too)"
+                if len(missing) > 1 else "")
+        raise storage.StorageError(f"cannot open {storage.redact(missing[0])}: "
+                                   f"No such file or directory{more}")
 
 
 class _Tally:

@@ -365,3 +365,12 @@ def test_warnings_are_one_line_each(data):
     lines = proc.stderr.decode().splitlines()
     assert len(lines) == 3 and all(line.startswith("tarproc: warning: ") for line in lines)
     assert "k1.lnk" in lines[1] and len(keys_of(data / "out.tar")) == 3
+
+
+def test_a_missing_local_input_fails_before_any_sample_runs(data):
+    proc = sh("tarproc -c 'touch $OUT/ran-$TARPROC_INDEX' 'imagenet_train-{0000,0001,0042,0043}.tgz' -o out.tar",
+              data, env={"OUT": str(data)})
+    err = assert_one_line_error(proc, "tarproc")
+    assert "cannot open imagenet_train-0042.tgz: No such file or directory" in err
+    assert "1 more of the 4 inputs missing too" in err
+    assert not [n for n in os.listdir(data) if n.startswith("ran-")] and not (data / "out.tar").exists()
