@@ -175,6 +175,19 @@ def write_samples(url, samples, compression="auto"):
     return sink.count, sink.nbytes
 
 
+def _number_fields(pattern):
+    """How many shard-number fields an output pattern has (printf ``%06d`` or ``{:06d}``)."""
+    import re
+    import string
+
+    printf = len(re.findall(r"%0?\d*d", pattern))
+    try:
+        braces = sum(1 for _, field, _, _ in string.Formatter().parse(pattern) if field is not None)
+    except ValueError:  # unbalanced braces
+        braces = 0
+    return printf if printf else braces
+
+
 class ShardWriter(_CommitOnExit):
     """Write a stream of samples as numbered shards of at most `maxcount` samples / `maxsize` bytes.
 
@@ -185,8 +198,15 @@ class ShardWriter(_CommitOnExit):
     """
 
     def __init__(self, pattern, maxcount=100_000, maxsize=3e9, start=0, compression="auto"):
-        if not (shards.is_printf(pattern) or "{" in pattern):
-            raise TarprocError(f"{pattern}: a ShardWriter needs a numbered pattern such as ds-%06d.tar")
+        fields = _number_fields(pattern)
+        if fields != 1:
+            raise TarprocError(
+                f"output pattern {pattern!r} has {fields or 'no'} number field{'s' if fields else ''}"
+                ": it needs exactly one, such as ds-%06d.tar or ds-{:06d}.tar")
+        if maxcount is not None and maxcount < 1:
+            raise TarprocError(f"the most samples per shard must be at least 1, not {maxcount}")
+        if maxsize is not None and not maxsize > 0:
+            raise TarprocError(f"the most bytes per shard must be more than 0, not {maxsize}")
         self.pattern = pattern
         self.maxcount = maxcount
         self.maxsize = maxsize

@@ -172,8 +172,9 @@ def split(sources, pattern, maxcount=None, maxsize=None, count=None, skip=0, sta
 
     if maxcount is None and maxsize is None:
         raise TarprocError("give --maxcount and/or --maxsize to say where to split")
-    writer = ShardWriter(pattern, maxcount=maxcount or float("inf"),
-                         maxsize=maxsize or float("inf"), start=start, compression=compression)
+    writer = ShardWriter(pattern, maxcount=float("inf") if maxcount is None else maxcount,
+                         maxsize=float("inf") if maxsize is None else maxsize, start=start,
+                         compression=compression)
     with writer:
         for sample in _window(iter_samples(sources), skip, count):
             writer.write(_strip_meta(sample))

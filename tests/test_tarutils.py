@@ -128,7 +128,15 @@ def test_tarsplit_needs_a_limit_and_a_numbered_pattern(testdata, tmp_path):
     assert proc.returncode == 1 and "--maxcount" in proc.stderr.decode()
     proc = run("tarsplit", testdata / "wds-sample.tgz", "-o", tmp_path / "x.tar", "--maxcount", "5",
                check=False)
-    assert proc.returncode == 1 and "numbered pattern" in proc.stderr.decode()
+    assert proc.returncode == 1 and "has no number field" in proc.stderr.decode()
+    for pattern, limit, said in [("x-%02d-%02d.tar", "5", "has 2 number fields"),
+                                 ("x-{}-{}.tar", "5", "has 2 number fields"),
+                                 ("x-%03d.tar", "-1", "at least 1, not -1"),
+                                 ("x-%03d.tar", "0", "at least 1, not 0")]:
+        proc = run("tarsplit", testdata / "wds-sample.tgz", "-o", tmp_path / pattern,
+                   "--maxcount", limit, check=False)
+        assert proc.returncode == 1 and said in proc.stderr.decode()
+        assert "Traceback" not in proc.stderr.decode() and "ShardWriter" not in proc.stderr.decode()
     assert not list(tmp_path.iterdir())
 
 

@@ -6,7 +6,7 @@
 
 import argparse
 
-from .common import add_job_options, job_kwargs, report_job, run_main
+from .common import add_job_options, job_kwargs, positive_seconds, report_job, run_main
 
 PROG = "htmapper"
 
@@ -23,7 +23,7 @@ def build_parser():
     what.add_argument("-C", "--command", help="shell command per sample, as with tarproc -c")
     p.add_argument("--errors", choices=["abort", "skip", "keep"], default="abort",
                    help="a failing sample fails its shard (abort, default), is dropped, or passes unchanged")
-    p.add_argument("--timeout", type=float, metavar="SEC", help="per-sample time limit for -C")
+    p.add_argument("--timeout", type=positive_seconds, metavar="SEC", help="per-sample time limit for -C")
     p.add_argument("-b", "--basename", default="sample", help="base name of field files for -C")
     p.add_argument("-S", "--subdirs", action="store_true", help="one-in-many-out for -C (see tarproc -S)")
     p.add_argument("--strict", action="store_true", help="a sample split in two places is an error")

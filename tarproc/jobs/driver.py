@@ -44,6 +44,7 @@ import queue
 import random
 import re
 import site
+import stat
 import sys
 import sysconfig
 import threading
@@ -58,7 +59,7 @@ from dataclasses import dataclass, field
 from tarproc.errors import TarprocError
 from tarproc.jobs.cluster import ClusterError, connect
 
-__all__ = ["JobResult", "run_items"]
+__all__ = ["JobResult", "remove_temp_files", "run_items"]
 
 _START_TOPIC = "tarproc-item-started"
 _RESERVED = ("key", "index", "status", "seconds", "worker", "attempts", "speculative")
@@ -122,6 +123,33 @@ def _one_line(exc) -> str:
     return f"{name}: {msg}" if msg else name
 
 
+#: How many of the last stderr lines of a failed command (``SampleFailed.stderr_tail``) the
+#: one-line error of an item shows, and at most how many characters of them.
+_TAIL_LINES = 3
+_TAIL_CHARS = 300
+
+
+def _error_of(exc):
+    """``(one-line error, traceback text)`` of an exception raised by an item's ``fn``.
+
+    A failed command's last stderr lines (an exception's ``stderr_tail``, as
+    :class:`~tarproc.errors.SampleFailed` has) are what tells why: a few of them end the one-line
+    error (``... -- stderr: line | line``), and up to ten end the traceback (the item's log).
+    """
+    error, tb = _one_line(exc), traceback.format_exc()
+    tail = getattr(exc, "stderr_tail", None)
+    if not tail or not isinstance(tail, str):
+        return error, tb
+    lines = [line.strip() for line in tail.strip("\n").split("\n") if line.strip()]
+    if not lines:
+        return error, tb
+    short = " | ".join(lines[-_TAIL_LINES:])
+    if len(short) > _TAIL_CHARS:
+        short = "..." + short[-(_TAIL_CHARS - 3):]
+    long = "\n".join(line[:1000] for line in tail.rstrip("\n").split("\n")[-10:])
+    return f"{error} -- stderr: {short}", f"{tb.rstrip()}\nstderr of the command (last lines):\n{long}\n"
+
+
 def _run_item(payload, item, job, dkey, reduce_payload):
     """Run ``fn(item)`` on a worker; never raise for fn's own errors (the driver retries)."""
     started = time.time()
@@ -143,7 +171,8 @@ def _run_item(payload, item, job, dkey, reduce_payload):
         elif isinstance(value, types.GeneratorType):
             value = list(value)
     except (Exception, SystemExit) as exc:  # noqa: BLE001 - reported to the driver
-        return {"ok": False, "error": _one_line(exc), "traceback": traceback.format_exc(),
+        error, tb = _error_of(exc)
+        return {"ok": False, "error": error, "traceback": tb,
                 "worker": worker, "seconds": time.time() - started}
     return {"ok": True, "value": value, "worker": worker, "seconds": time.time() - started}
 
@@ -641,6 +670,56 @@ class _Job:
         self.result.seconds = time.monotonic() - self.t0
         self.result.items.sort(key=lambda r: r["index"])
         return self.result
+
+
+_TEMP_SUFFIX = re.compile(r"[A-Za-z0-9_]+")
+
+
+def remove_temp_files(urls):
+    """Remove the temp files that writes of the local outputs ``urls`` left behind.
+
+    A local output ``dir/NAME`` is written to ``dir/.NAME.tmp-XXXXXXXX`` and renamed into place
+    on commit (:class:`tarproc.storage.local.LocalWriter`); a task stopped in between (a job
+    interrupted, a worker killed) leaves that file. Jobs call this before their first task and
+    after the last one (the workers stopped). Only regular files named so are removed, for local
+    paths only; returns the paths removed.
+    """
+    from tarproc import storage
+
+    by_dir = {}
+    for url in urls:
+        try:
+            if not storage.is_local(url) or url == "-":
+                continue
+            path = os.path.abspath(storage.local_path(url))
+            if os.path.islink(path):  # the writer writes beside the file the link points to
+                path = os.path.realpath(path)
+        except (TarprocError, OSError, ValueError):
+            continue
+        directory, base = os.path.split(path)
+        if base and not path.startswith(("/dev/", "/proc/")):
+            by_dir.setdefault(directory, set()).add(f".{base}.tmp-")
+    removed = []
+    for directory, prefixes in by_dir.items():
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            continue
+        for name in names:
+            if not name.startswith(".") or ".tmp-" not in name:
+                continue
+            prefix = name[: name.rindex(".tmp-") + 5]
+            if prefix not in prefixes or not _TEMP_SUFFIX.fullmatch(name[len(prefix):]):
+                continue
+            path = os.path.join(directory, name)
+            try:
+                if not stat.S_ISREG(os.lstat(path).st_mode):
+                    continue
+                os.unlink(path)
+            except OSError:
+                continue
+            removed.append(path)
+    return removed
 
 
 def _numbered(items, keys, shuffle, seed):

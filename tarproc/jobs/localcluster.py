@@ -208,6 +208,13 @@ def _make_cluster_class():
                     proc.wait(timeout=grace)
                 except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILLed above
                     pass
+            # a SIGKILL takes effect a moment later: when this returns, every worker is gone (so
+            # what they left, such as sample dirs, can be told from what live processes use)
+            deadline = time.monotonic() + grace
+            while pending and time.monotonic() < deadline:
+                pending = {pid for pid in pending if _alive(pid)}
+                if pending:
+                    time.sleep(0.01)
             self._procs = []
 
     return ForkedCluster

@@ -15,7 +15,7 @@ import warnings
 from .. import shards, storage
 from ..errors import PatternError, TarprocError
 from ..streams import SampleWriter, iter_samples
-from .driver import run_items
+from .driver import remove_temp_files, run_items
 
 
 class JobFailed(TarprocError):
@@ -77,6 +77,7 @@ class MapShard:
         unsafe = "skip" if self.errors == "skip" else "error"
         # a copy per task: worker threads may run several tasks at once, each with its own dirs
         runner = copy.copy(self.runner) if self.runner is not None else None
+        _remove_dead_roots(runner)  # of workers killed before (here: the worker's own machine)
         try:
             sink = self._run(runner, in_url, out_url, unsafe, counts, log)
         finally:
@@ -135,6 +136,18 @@ class MapShard:
         return sink
 
 
+def _remove_dead_roots(runner):
+    """Remove the sample dirs a killed process left in ``runner``'s temp base (see
+    sampledir.remove_dead_roots), unless the runner keeps its dirs (debugging)."""
+    from ..runner.sampledir import ShellRunner, default_tmpdir, remove_dead_roots
+
+    if isinstance(runner, ShellRunner) and not runner.keep_dirs:
+        try:
+            remove_dead_roots(runner.tmpdir or default_tmpdir())
+        except Exception:  # noqa: BLE001 - tidying must never fail a shard or a job
+            pass
+
+
 def make_runner(process_sample=None, command=None, **shell_options):
     """A runner from a `process_sample` callable, a Python file path, or a shell command."""
     from ..processing import make_runner as _make
@@ -188,8 +201,16 @@ def map_shards(inputs, outputs, process_sample=None, *, command=None, errors="ab
         raise PatternError(f"{sorted(overlap)[0]}: a shard is both input and output")
     runner = make_runner(process_sample, command, **(shell_options or {}))
     task = MapShard(runner, errors=errors, strict=strict)
-    result = run_items(task, list(zip(in_urls, out_urls)), keys=lambda pair: pair[0],
-                       is_done=lambda pair: storage.exists(pair[1]), desc="shards", **_job_options(job))
+    # temp files of our outputs that an interrupted or killed run left go first, and those of
+    # this run (stopped workers, cancelled tasks) at the end, however the job ends
+    remove_temp_files(out_urls)
+    try:
+        result = run_items(task, list(zip(in_urls, out_urls)), keys=lambda pair: pair[0],
+                           is_done=lambda pair: storage.exists(pair[1]), desc="shards",
+                           **_job_options(job))
+    finally:
+        remove_temp_files(out_urls)
+        _remove_dead_roots(runner)  # of the local cluster's workers, stopped by now
     if check and not result.ok:
         raise JobFailed(result)
     return result

@@ -96,18 +96,24 @@ def check_key(key, what="key"):
     """Return ``key`` if it is a safe sample key, else raise UnsafeNameError.
 
     Keys may contain ``/`` (webdataset keys can name directories) but no ``..`` component, no
-    leading ``/``, no control characters, and must not be empty: they become tar member names.
+    leading ``/``, no control characters, and must not be empty: they become tar member names;
+    and no ``.`` after the last ``/``, where a reader splits a member name into key and field.
     """
     if not isinstance(key, str):
         raise UnsafeNameError(f"{what} must be a string, not {type(key).__name__}: {key!r}")
     if not key:
-        raise UnsafeNameError(f"empty {what}")
+        raise UnsafeNameError(f"{what} is empty")
     if key.startswith("/"):
-        raise UnsafeNameError(f"absolute {what} refused: {key!r}")
+        raise UnsafeNameError(f"{what} {key!r} refused: absolute")
     if not key.isprintable() and _BAD_CHARS.search(key):
-        raise UnsafeNameError(f"{what} with control characters refused: {key!r}")
+        raise UnsafeNameError(f"{what} {key!r} refused: control characters")
     if ".." in key and ".." in key.split("/"):
-        raise UnsafeNameError(f"{what} with a '..' component refused: {key!r}")
+        raise UnsafeNameError(f"{what} {key!r} refused: a '..' component")
+    base = key[key.rfind("/") + 1:]
+    if not base or "." in base:
+        raise UnsafeNameError(
+            f"{what} {key!r} refused: after its last '/' a key needs at least one character and "
+            "no '.' (its members KEY.EXT would not read back as one sample)")
     return key
 
 
@@ -173,8 +179,18 @@ _OLD_FILE = os.O_WRONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0) | getattr(
 _SUBDIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
 
 
+#: Descriptors of the roots this process made, each holding a shared ``flock`` on its root while
+#: the process lives (see :func:`remove_dead_roots`).
+_ROOT_LOCKS = []
+
+
 def _make_root(base, prefix):
-    """A new private (0700) directory in ``base`` named ``prefix`` + random characters."""
+    """A new private (0700) directory in ``base`` named ``prefix`` + random characters.
+
+    The process holds a shared ``flock`` on it until the root is removed or the process ends,
+    however it ends: :func:`remove_dead_roots` never takes a locked root, even one whose pid
+    means nothing in its pid namespace (a ``base`` shared between containers).
+    """
     for _ in range(100):
         path = f"{base}/{prefix}{os.urandom(6).hex()}"
         try:
@@ -182,8 +198,91 @@ def _make_root(base, prefix):
         except FileExistsError:
             continue
         os.chmod(path, 0o700)  # whatever the umask
+        for held in list(_ROOT_LOCKS):  # let go of the locks of roots removed since
+            try:
+                gone = os.fstat(held).st_nlink == 0
+            except OSError:
+                gone = False
+            if gone:
+                try:
+                    _ROOT_LOCKS.remove(held)
+                except ValueError:
+                    continue  # another thread let go of it
+                os.close(held)
+        if len(_ROOT_LOCKS) < 64:  # (roots kept with keep_dirs stay; so would their locks)
+            try:
+                import fcntl
+
+                fd = os.open(path, _SUBDIR)
+            except (ImportError, OSError):
+                fd = -1
+            if fd >= 0:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    _ROOT_LOCKS.append(fd)
+                except OSError:  # a filesystem without locks: the pid alone protects the root
+                    os.close(fd)
         return os.path.abspath(path)
     raise FileExistsError(f"no free name for a temp dir in {base}")
+
+
+def remove_dead_roots(base):
+    """Remove the private root dirs in ``base`` of processes that ended without removing them.
+
+    Only directories named as :func:`_make_root` names them for a runner (``tarproc-<pid>-`` and
+    12 hex digits), owned by this user, whose process no longer runs (no such pid, or a zombie),
+    and on which no process holds the lock :func:`_make_root` takes. A pid reused by another
+    process keeps the dir until that process ends too. Returns the paths removed.
+    """
+    try:
+        import fcntl
+
+        names = os.listdir(base)
+    except (ImportError, OSError):
+        return []
+    me, uid, proc = os.getpid(), os.geteuid(), os.path.isdir("/proc/self")
+    removed = []
+    for name in names:
+        m = re.fullmatch(r"tarproc-([1-9][0-9]{0,9})-[0-9a-f]{12}", name)
+        if m is None or int(m.group(1)) == me:
+            continue
+        pid = int(m.group(1))
+        path = os.path.join(base, name)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid:
+            continue
+        try:
+            if proc:
+                with open(f"/proc/{pid}/stat", "rb") as f:
+                    alive = f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+            else:
+                os.kill(pid, 0)
+                alive = True
+        except (FileNotFoundError, ProcessLookupError):
+            alive = False
+        except (OSError, IndexError):  # (PermissionError: a process of another user)
+            alive = True
+        if alive:
+            continue
+        try:
+            fd = os.open(path, _SUBDIR)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while a live process holds it
+            now = os.fstat(fd)
+            if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+                continue
+            _remove_root(path)
+            removed.append(path)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+    return removed
 
 
 def _open_file_budget():
@@ -787,7 +886,7 @@ class ShellRunner:
                         key=default_key,
                         status="badkey",
                     ) from None
-                check_key(key, "key written by the command")
+                check_key(key, f"sample {job.key!r}: key written by the command")
         elif default_key is not None:
             key = default_key
         else:
