@@ -210,6 +210,8 @@ def _make_cluster_class():
                     pass
             # a SIGKILL takes effect a moment later: when this returns, every worker is gone (so
             # what they left, such as sample dirs, can be told from what live processes use)
+            # (workers the driver never heard of are in their seed's process group too)
+            pending |= _group_members({p.pid for p in self._procs})
             deadline = time.monotonic() + grace
             while pending and time.monotonic() < deadline:
                 pending = {pid for pid in pending if _alive(pid)}
@@ -218,6 +220,26 @@ def _make_cluster_class():
             self._procs = []
 
     return ForkedCluster
+
+
+def _group_members(groups):
+    """Pids of the live processes whose process group is one of ``groups`` (Linux /proc)."""
+    found = set()
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return found
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 2 and int(fields[2]) in groups and fields[0] not in (b"Z", b"X"):
+            found.add(int(name))
+    return found
 
 
 def _alive(pid) -> bool:
