@@ -206,13 +206,31 @@ def test_sigterm_stops_children_and_leaves_nothing(data, tmp_path):
     proc = subprocess.Popen([str(BIN / "tarproc"), "-p", "2", "--tmpdir", str(tmp), "-c", "sleep 30",
                              "imagenet_train-0000.tgz", "-o", "out.tar"], cwd=data, env=shell_env(),
                             stderr=subprocess.PIPE)
-    time.sleep(2)
+    import psutil
+
+    def sleeping():
+        found = []
+        for c in psutil.Process(proc.pid).children(recursive=True):
+            try:
+                if c.cmdline()[:2] == ["sleep", "30"]:
+                    found.append(c)
+            except psutil.Error:
+                pass
+        return found
+
+    deadline = time.monotonic() + 20
+    children = []
+    while len(children) < 2 and time.monotonic() < deadline:  # the two commands running
+        time.sleep(0.1)
+        children = sleeping()
+    assert len(children) == 2
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 143, err
     assert not (data / "out.tar").exists()
     assert [p for p in tmp.rglob("*")] == []
-    assert subprocess.run(["pgrep", "-f", "sleep 30"], capture_output=True).returncode == 1
+    gone, alive = psutil.wait_procs(children, timeout=5)
+    assert alive == []
 
 
 def test_identity_copy_recompresses_by_name(data):
