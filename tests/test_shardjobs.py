@@ -4,12 +4,13 @@ with dask-worker processes; nginx (WebDAV) for http input and output."""
 import json
 import os
 import shutil
+import subprocess
 import threading
 import time
 
 import pytest
 
-from cli_helpers import assert_one_line_error, sh
+from cli_helpers import BIN, assert_one_line_error, sh
 from tarproc import iter_samples
 from tarproc.jobs.shardmap import JobFailed, map_shards
 
@@ -240,3 +241,10 @@ def test_log_dir_keeps_each_shards_command_stderr_and_warnings(data):
         keys = [s["__key__"] for s in samples_of(data / f"data/imagenet_train-{i:04d}.tgz")]
         assert "imagenet_train-000" in log.name
         assert [f"converting {k}" for k in keys] == [line for line in text.splitlines() if line.startswith("converting")]
+
+
+@pytest.mark.parametrize("tool", ["htmapper -C true", "htshuffle", "htsort"])
+def test_workers_must_be_at_least_one(tool, tmp_path):
+    proc = subprocess.run(f"{BIN}/{tool} -j 0 a-@2.tar b-@2.tar", shell=True, capture_output=True,
+                          cwd=tmp_path)
+    assert proc.returncode == 2 and b"must be at least 1, not 0" in proc.stderr

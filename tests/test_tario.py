@@ -333,6 +333,9 @@ def test_compression_for_name():
         "x.TAR.GZ": "gz",
         "https://h/p/x.tar.gz?sig=abc": "gz",
         "s3://b/x-000.tar.zst": "zst",
+        "x.tar.gzip": "gz",
+        "x.tar.bzip2": "bz2",
+        "x.tar.zstd": "zst",
     }
     for name, want in cases.items():
         assert compression_for_name(name) == want, name

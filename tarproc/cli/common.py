@@ -148,8 +148,19 @@ def add_cluster_options(parser):
     """`-c ADDRESS` (a running dask-scheduler) and `-j N` (local workers) for the Dask jobs."""
     parser.add_argument("-c", "--cluster", metavar="ADDRESS",
                         help="address of a running dask-scheduler (host:8786); default: start a local cluster")
-    parser.add_argument("-j", "--workers", type=int, metavar="N",
+    parser.add_argument("-j", "--workers", type=_at_least_one, metavar="N",
                         help="worker processes of the local cluster (default: one per core)")
+
+
+def _at_least_one(text):
+    """argparse type of a count of workers: a whole number, 1 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def positive_seconds(text):

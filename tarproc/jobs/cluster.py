@@ -190,7 +190,8 @@ def connect(cluster=None, workers=None, threads_per_worker=1, quiet=False):
                 local.close()
                 raise
             try:
-                _announce(client, f"local cluster with {local.n_workers} workers", quiet,
+                _announce(client, f"local cluster with {local.n_workers} worker"
+                                  f"{'' if local.n_workers == 1 else 's'}", quiet,
                           dashboard=_dashboard_available())
                 yield client
             finally:

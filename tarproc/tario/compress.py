@@ -28,7 +28,9 @@ _SUFFIXES = {
     ".tar": None,
     ".gz": "gz",
     ".tgz": "gz",
+    ".gzip": "gz",  # (spelled out: what a user who writes it means)
     ".bz2": "bz2",
+    ".bzip2": "bz2",
     ".tbz": "bz2",
     ".tbz2": "bz2",
     ".xz": "xz",
