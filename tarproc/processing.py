@@ -19,6 +19,7 @@ from .tario.compress import _PrefixedReader
 from .runner import PythonRunner, ShellRunner, PoolStats, SamplePool, process_samples
 from .runner.pool import _FAILURES, _pack_exc, _sample_bytes, _unpack_exc
 from .runner.sampledir import Record, SampleResult
+from .storage.local import full_writer
 
 #: Chunk mode: a chunk of input ends at the first sample boundary after this many bytes.
 CHUNK_BYTES = 1 << 20
@@ -143,8 +144,8 @@ def process_stream(inputs, output=None, runner=None, *, processes=1, ordered=Tru
     started = time.monotonic()
     if stdout is None:
         stdout = sys.stderr if output == "-" or _is_our_stdout(output) else sys.stdout
-    stdout = getattr(stdout, "buffer", stdout)
-    stderr = getattr(stderr or sys.stderr, "buffer", stderr or sys.stderr)
+    stdout = full_writer(getattr(stdout, "buffer", stdout))
+    stderr = full_writer(getattr(stderr or sys.stderr, "buffer", stderr or sys.stderr))
     unsafe = "skip" if errors == "skip" else "error"
     if raw is None:
         # Workers in other processes: let them read, decode and encode. Runners the pool runs

@@ -114,7 +114,9 @@ def show(sources, out=None, count=None, skip=0, fields=(), raw=False, urls=False
     if raw and len(fields) != 1:
         raise TarprocError("--raw needs exactly one -f FIELD")
     if out is None:
-        out = sys.stdout.buffer if raw else sys.stdout
+        from .storage.local import full_writer
+
+        out = full_writer(sys.stdout.buffer) if raw else sys.stdout
     shown = 0
     for sample in _window(iter_samples(sources), skip, count):
         shown += 1

@@ -142,12 +142,29 @@ def open_stdin():
     return io.BufferedReader(_StdinReader(), buffer_size=1 << 16)
 
 
+def full_writer(stream):
+    """A binary stream that writes all it is given: ``stream`` itself, or, for a raw one, a
+    buffered stream on its file descriptor.
+
+    Under ``python -u`` or ``PYTHONUNBUFFERED=1`` (set in many containers and CI machines),
+    ``sys.stdout.buffer`` is a raw ``FileIO`` whose ``write`` makes one system call and may take
+    only part of the data when the other end of a pipe is slow; the rest would be lost silently.
+    """
+    if isinstance(stream, io.RawIOBase):
+        try:
+            fd = stream.fileno()
+        except (OSError, ValueError, AttributeError):
+            return stream
+        return io.BufferedWriter(io.FileIO(fd, "wb", closefd=False), buffer_size=1 << 16)
+    return stream
+
+
 class StdoutWriter(Writer):
     """Standard output. Commit flushes; abort cannot take back what was written."""
 
     def __init__(self):
         super().__init__("-")
-        self.stream = sys.stdout.buffer
+        self.stream = full_writer(sys.stdout.buffer)
 
     def _write(self, data):
         try:
