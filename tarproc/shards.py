@@ -128,14 +128,18 @@ def _is_http(url):
     return url.startswith(("http://", "https://"))
 
 
+#: A printf-style shard-number field of an output pattern, as in `out-%06d.tar`.
+PRINTF_FIELD = re.compile(r"%0?\d*d")
+
+
 def is_printf(pattern):
     """Whether an output pattern is open-ended printf-style numbering such as `out-%06d.tar`."""
-    return bool(re.search(r"%0?\d*d", pattern))
+    return PRINTF_FIELD.search(pattern) is not None
 
 
 def printf_name(pattern, index):
     """The index-th name of a printf-style output pattern."""
-    return re.sub(r"%0?\d*d", lambda m: m.group(0) % index, pattern, count=1)
+    return PRINTF_FIELD.sub(lambda m: m.group(0) % index, pattern, count=1)
 
 
 def expand_outputs(pattern, count=None):

@@ -19,9 +19,7 @@ def iter_raw_samples(source, *, strict=False, count=None, max_member_size=None, 
     seen = 0
     if count is not None and count <= 0:
         return
-    urls = list(shards.expand_inputs(source))
-    _check_local_inputs(urls)
-    for url in urls:
+    for url in _input_urls(source):
         with storage.open_read(url) as raw:
             for offset, data, nbytes in tario.iter_raw_samples(
                     raw, url=url, strict=strict, max_member_size=max_member_size, unsafe=unsafe):
@@ -40,9 +38,7 @@ def iter_samples(source, *, strict=False, count=None, max_member_size=None, unsa
     seen = 0
     if count is not None and count <= 0:
         return
-    urls = list(shards.expand_inputs(source))
-    _check_local_inputs(urls)
-    for url in urls:
+    for url in _input_urls(source):
         with storage.open_read(url) as raw:
             # (the reader recognises the compression itself, from magic bytes)
             for sample in tario.iter_samples(raw, url=url, strict=strict,
@@ -53,17 +49,17 @@ def iter_samples(source, *, strict=False, count=None, max_member_size=None, unsa
                     return
 
 
-def _check_local_inputs(urls):
-    """Fail before the first sample, not after hours of work, when a local input is missing."""
-    import os
-
-    missing = [u for u in urls if u != "-" and storage.is_local(u)
-               and not os.path.exists(storage.local_path(u))]
+def _input_urls(source):
+    """The inputs of ``source``, all of them; a missing local one fails now, before the first
+    sample, rather than after hours of work on the ones before it."""
+    urls = list(shards.expand_inputs(source))
+    missing = [u for u in urls if u != "-" and storage.is_local(u) and not storage.exists(u)]
     if missing:
         more = (f" ({len(missing) - 1} more of the {len(urls)} inputs missing too)"
                 if len(missing) > 1 else "")
         raise storage.StorageError(f"cannot open {storage.redact(missing[0])}: "
                                    f"No such file or directory{more}")
+    return urls
 
 
 class _Tally:
@@ -177,10 +173,9 @@ def write_samples(url, samples, compression="auto"):
 
 def _number_fields(pattern):
     """How many shard-number fields an output pattern has (printf ``%06d`` or ``{:06d}``)."""
-    import re
     import string
 
-    printf = len(re.findall(r"%0?\d*d", pattern))
+    printf = len(shards.PRINTF_FIELD.findall(pattern))
     try:
         braces = sum(1 for _, field, _, _ in string.Formatter().parse(pattern) if field is not None)
     except ValueError:  # unbalanced braces

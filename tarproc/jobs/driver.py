@@ -44,7 +44,6 @@ import queue
 import random
 import re
 import site
-import stat
 import sys
 import sysconfig
 import threading
@@ -59,7 +58,7 @@ from dataclasses import dataclass, field
 from tarproc.errors import TarprocError
 from tarproc.jobs.cluster import ClusterError, connect
 
-__all__ = ["JobResult", "remove_temp_files", "run_items"]
+__all__ = ["JobResult", "run_items"]
 
 _START_TOPIC = "tarproc-item-started"
 _RESERVED = ("key", "index", "status", "seconds", "worker", "attempts", "speculative")
@@ -316,16 +315,10 @@ class JobResult:
         """The result as JSON text; also written to ``path`` when given."""
         text = json.dumps(self.to_dict(), indent=indent, default=repr)
         if path is not None:
-            from tarproc.storage.local import _write_in_place
+            from tarproc import storage
 
-            if _write_in_place(os.path.abspath(path)):  # --stats /dev/stdout: never replace it
-                with open(path, "w", encoding="utf-8") as f:
-                    f.write(text + "\n")
-                return text
-            tmp = f"{path}.tmp-{os.getpid()}"
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(text + "\n")
-            os.replace(tmp, path)
+            with storage.open_write(path) as f:  # atomic; /dev/stdout is written into
+                f.write((text + "\n").encode("utf-8"))
         return text
 
 
@@ -670,56 +663,6 @@ class _Job:
         self.result.seconds = time.monotonic() - self.t0
         self.result.items.sort(key=lambda r: r["index"])
         return self.result
-
-
-_TEMP_SUFFIX = re.compile(r"[A-Za-z0-9_]+")
-
-
-def remove_temp_files(urls):
-    """Remove the temp files that writes of the local outputs ``urls`` left behind.
-
-    A local output ``dir/NAME`` is written to ``dir/.NAME.tmp-XXXXXXXX`` and renamed into place
-    on commit (:class:`tarproc.storage.local.LocalWriter`); a task stopped in between (a job
-    interrupted, a worker killed) leaves that file. Jobs call this before their first task and
-    after the last one (the workers stopped). Only regular files named so are removed, for local
-    paths only; returns the paths removed.
-    """
-    from tarproc import storage
-
-    by_dir = {}
-    for url in urls:
-        try:
-            if not storage.is_local(url) or url == "-":
-                continue
-            path = os.path.abspath(storage.local_path(url))
-            if os.path.islink(path):  # the writer writes beside the file the link points to
-                path = os.path.realpath(path)
-        except (TarprocError, OSError, ValueError):
-            continue
-        directory, base = os.path.split(path)
-        if base and not path.startswith(("/dev/", "/proc/")):
-            by_dir.setdefault(directory, set()).add(f".{base}.tmp-")
-    removed = []
-    for directory, prefixes in by_dir.items():
-        try:
-            names = os.listdir(directory)
-        except OSError:
-            continue
-        for name in names:
-            if not name.startswith(".") or ".tmp-" not in name:
-                continue
-            prefix = name[: name.rindex(".tmp-") + 5]
-            if prefix not in prefixes or not _TEMP_SUFFIX.fullmatch(name[len(prefix):]):
-                continue
-            path = os.path.join(directory, name)
-            try:
-                if not stat.S_ISREG(os.lstat(path).st_mode):
-                    continue
-                os.unlink(path)
-            except OSError:
-                continue
-            removed.append(path)
-    return removed
 
 
 def _numbered(items, keys, shuffle, seed):

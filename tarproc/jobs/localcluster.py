@@ -28,6 +28,8 @@ import subprocess
 import sys
 import time
 
+from tarproc.runner.sampledir import group_members as _group_members, pid_alive as _alive
+
 __all__ = ["ForkedCluster", "prestart"]
 
 #: Imported by the seed process before it forks, so every worker starts with them loaded: Dask's
@@ -220,40 +222,6 @@ def _make_cluster_class():
             self._procs = []
 
     return ForkedCluster
-
-
-def _group_members(groups):
-    """Pids of the live processes whose process group is one of ``groups`` (Linux /proc)."""
-    found = set()
-    try:
-        names = os.listdir("/proc")
-    except OSError:
-        return found
-    for name in names:
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if len(fields) > 2 and int(fields[2]) in groups and fields[0] not in (b"Z", b"X"):
-            found.add(int(name))
-    return found
-
-
-def _alive(pid) -> bool:
-    """True while ``pid`` runs (a zombie, dead but not yet reaped by its parent, is not alive)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        try:
-            os.kill(pid, 0)
-        except OSError:
-            return False
-        return True
-    return state not in (b"Z", b"X")
 
 
 _cluster_class = None

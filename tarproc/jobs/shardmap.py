@@ -15,7 +15,8 @@ import warnings
 from .. import shards, storage
 from ..errors import PatternError, TarprocError
 from ..streams import SampleWriter, iter_samples
-from .driver import remove_temp_files, run_items
+from ..storage.local import remove_temp_files
+from .driver import run_items
 
 
 class JobFailed(TarprocError):

@@ -226,6 +226,44 @@ def _make_root(base, prefix):
     raise FileExistsError(f"no free name for a temp dir in {base}")
 
 
+def _proc_stat(pid):
+    """The fields of ``/proc/PID/stat`` after the command name (state first, then ppid, pgrp...);
+    None when there is no such process, or no /proc to tell."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def pid_alive(pid):
+    """True while process ``pid`` runs (a zombie, dead but not yet reaped, does not)."""
+    fields = _proc_stat(pid)
+    if fields:
+        return fields[0] not in (b"Z", b"X")
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # (PermissionError: a process of another user)
+        return True
+    return True
+
+
+def group_members(groups):
+    """Pids of the live processes whose process group is one of ``groups`` (Linux /proc)."""
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return set()
+    found = set()
+    for name in names:
+        fields = _proc_stat(name) if name.isdigit() else None
+        if fields and len(fields) > 2 and int(fields[2]) in groups and fields[0] not in (b"Z", b"X"):
+            found.add(int(name))
+    return found
+
+
 def remove_dead_roots(base):
     """Remove the private root dirs in ``base`` of processes that ended without removing them.
 
@@ -240,7 +278,7 @@ def remove_dead_roots(base):
         names = os.listdir(base)
     except (ImportError, OSError):
         return []
-    me, uid, proc = os.getpid(), os.geteuid(), os.path.isdir("/proc/self")
+    me, uid = os.getpid(), os.geteuid()
     removed = []
     for name in names:
         m = re.fullmatch(r"tarproc-([1-9][0-9]{0,9})-[0-9a-f]{12}", name)
@@ -254,18 +292,7 @@ def remove_dead_roots(base):
             continue
         if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid:
             continue
-        try:
-            if proc:
-                with open(f"/proc/{pid}/stat", "rb") as f:
-                    alive = f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
-            else:
-                os.kill(pid, 0)
-                alive = True
-        except (FileNotFoundError, ProcessLookupError):
-            alive = False
-        except (OSError, IndexError):  # (PermissionError: a process of another user)
-            alive = True
-        if alive:
+        if pid_alive(pid):
             continue
         try:
             fd = os.open(path, _SUBDIR)

@@ -3,11 +3,12 @@
 import glob as _glob
 import io
 import os
+import re
 import stat
 import sys
 
 from tarproc.storage.base import Writer, fail
-from tarproc.storage.urls import local_path
+from tarproc.storage.urls import is_local, local_path
 
 
 def _umask():
@@ -39,6 +40,54 @@ def _write_in_place(path):
     return not stat.S_ISREG(mode) and not stat.S_ISDIR(mode)
 
 
+def _temp_prefix(base):
+    """How the temp file of a write to ``base`` starts (tempfile adds letters, digits, '_')."""
+    return f".{base}.tmp-"
+
+
+_TEMP_SUFFIX = re.compile(r"[a-z0-9_]+")
+
+
+def remove_temp_files(urls):
+    """Remove the temp files that writes to the local ``urls`` left behind; the paths removed.
+
+    A write stopped between its start and its commit (a job interrupted, a worker killed) leaves
+    its ``.NAME.tmp-XXXXXXXX`` beside the target (beside the file a link points to). Only regular
+    files named so are removed; URLs of other schemes, ``-`` and devices are passed over. Jobs call
+    this before their first task and after their last.
+    """
+    by_dir = {}
+    for url in urls:
+        if url == "-" or not is_local(url):
+            continue
+        path = os.path.abspath(local_path(url))
+        if _write_in_place(path):
+            continue
+        if os.path.islink(path):
+            path = os.path.realpath(path)
+        directory, base = os.path.split(path)
+        if base:
+            by_dir.setdefault(directory, set()).add(_temp_prefix(base))
+    removed = []
+    for directory, prefixes in by_dir.items():
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            continue
+        for name in names:
+            cut = name.rfind(".tmp-") + 5
+            if cut < 5 or name[:cut] not in prefixes or not _TEMP_SUFFIX.fullmatch(name[cut:]):
+                continue
+            path = os.path.join(directory, name)
+            try:
+                if stat.S_ISREG(os.lstat(path).st_mode):
+                    os.unlink(path)
+                    removed.append(path)
+            except OSError:
+                continue
+    return removed
+
+
 class LocalWriter(Writer):
     """Writes to ``.NAME.tmp-XXXX`` beside the target and renames it into place on commit.
 
@@ -67,13 +116,12 @@ class LocalWriter(Writer):
             raise fail("cannot write", url, "is a directory")
         if os.path.islink(self.path):
             self.path = os.path.realpath(self.path)
-            directory = os.path.dirname(self.path)
-            base = os.path.basename(self.path)
+            directory, base = os.path.split(self.path)
         try:
             os.makedirs(directory, exist_ok=True)
             import tempfile  # (~4 ms of imports, random and more, only writers need)
 
-            fd, self.tmp = tempfile.mkstemp(prefix=f".{base}.tmp-", dir=directory)
+            fd, self.tmp = tempfile.mkstemp(prefix=_temp_prefix(base), dir=directory)
             os.fchmod(fd, 0o666 & ~_umask())
         except OSError as exc:
             raise fail("cannot write", url, exc) from exc
