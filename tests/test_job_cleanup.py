@@ -109,6 +109,23 @@ def _dead_pid():
     return p.pid
 
 
+def _sample_roots(tmp):
+    """Sample roots in ``tmp``: one of a dead process (to remove) and three to keep: one of this
+    live process, one oddly named, and one of a dead pid but locked (a live process in another
+    pid namespace sharing the dir; the caller locks it). ``(dead pid, dead, live, odd, locked)``."""
+    dead = _dead_pid()
+    dead_root = tmp / f"tarproc-{dead}-0123456789ab"
+    (dead_root / "sample-1").mkdir(parents=True)
+    (dead_root / "sample-1" / "sample.txt").write_bytes(b"x")
+    live_root = tmp / f"tarproc-{os.getpid()}-0123456789ab"
+    live_root.mkdir()
+    odd = tmp / f"tarproc-{dead}-notours"
+    odd.mkdir()
+    locked = tmp / f"tarproc-{dead}-ba9876543210"
+    locked.mkdir()
+    return dead, dead_root, live_root, odd, locked
+
+
 @pytest.mark.timeout(90)
 def test_rerun_removes_what_a_killed_run_left_and_nothing_else(job):
     out, tmp = job / "out", job / "tmp"
@@ -118,17 +135,7 @@ def test_rerun_removes_what_a_killed_run_left_and_nothing_else(job):
     for name in stale + others:
         (out / name).write_bytes(b"partial")
     (out / ".o-1.tar.tmp-dir").mkdir()  # not a file: not ours
-    dead = _dead_pid()
-    dead_root = tmp / f"tarproc-{dead}-0123456789ab"
-    (dead_root / "sample-1").mkdir(parents=True)
-    (dead_root / "sample-1" / "sample.txt").write_bytes(b"x")
-    live_root = tmp / f"tarproc-{os.getpid()}-0123456789ab"  # this process runs: in use
-    live_root.mkdir()
-    odd = tmp / f"tarproc-{dead}-notours"
-    odd.mkdir()
-    # a dead pid here, but locked: a live process in another pid namespace sharing the dir
-    locked = tmp / f"tarproc-{dead}-ba9876543210"
-    locked.mkdir()
+    dead, dead_root, live_root, odd, locked = _sample_roots(tmp)
     fd = os.open(locked, os.O_RDONLY | os.O_DIRECTORY)
     try:
         fcntl.flock(fd, fcntl.LOCK_SH)

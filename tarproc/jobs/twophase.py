@@ -16,7 +16,10 @@ per-shard tasks on the driver (:func:`tarproc.jobs.driver.run_items`):
 Names in the work location are deterministic, so it can be any storage that can read, write
 and delete by name (a local or shared directory, nginx WebDAV, s3, gs): nothing is ever listed.
 Intermediates are removed after success unless ``keep_work``; after a failure they stay, so the
-same call resumes. Nothing appears at the destination unless its reduce task succeeded.
+same call resumes. Nothing appears at the destination unless its reduce task succeeded. The temp
+files that stopped writes leave beside the outputs and local work files, and the sample dirs of
+dead processes (a mapper may run commands through a ShellRunner), are removed before the first
+task and after the last, however the job ends.
 
 Example::
 
@@ -37,6 +40,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -45,6 +49,7 @@ from dataclasses import dataclass, field
 
 from tarproc import reshard, shards, storage
 from tarproc.errors import TarprocError
+from tarproc.storage.local import remove_temp_files
 
 __all__ = ["shuffle", "sort", "run_twophase", "ReshardResult", "UserCode", "WorkdirError"]
 
@@ -213,6 +218,7 @@ def _mapped(plan, m, counter):
 
 def sample_task(plan, m):
     """Sampling pass: a seeded random sample of one input shard's sort keys, and its count."""
+    _remove_dead_sample_dirs(plan)  # of workers killed before (here: the worker's own machine)
     counter = _Counted(_input_samples(plan.inputs[m]))
     keys = (plan.ordering.key_value(s) for s in _mapped(plan, m, counter))
     kept, count = reshard.reservoir(keys, plan.sample_size, seed=f"{plan.ordering.seed}:{m}")
@@ -231,6 +237,7 @@ def _partitioner(plan, m):
 def map_task(plan, m):
     """Scatter one input shard into sorted runs per partition, then write the done marker."""
     started = time.time()
+    _remove_dead_sample_dirs(plan)  # of workers killed before (here: the worker's own machine)
     counter = _Counted(_input_samples(plan.inputs[m]))
     combine = None
     if plan.combine and (plan.combiner or plan.reducer) is not None:
@@ -271,6 +278,7 @@ def reduce_task(plan, p):
     """Merge partition p's runs from every map task (reducing equal keys) into one output shard."""
     from tarproc.streams import SampleWriter
 
+    _remove_dead_sample_dirs(plan)  # of workers killed before (here: the worker's own machine)
     ordering = plan.ordering
     runs = [_lazy_run(plan.part_url(m, p)) for m in plan.sources[p]]
     counter = _Counted(reshard.merge_runs(runs, ordering.order_key, plan.fanin))
@@ -443,6 +451,62 @@ def _cleanup(plan, markers, local):
             pass
 
 
+#: The temp file of a write to a work file in a map dir (see LocalWriter): part or marker name.
+_WORK_TEMP = re.compile(r"\.(part-([0-9]{5,})\.tar|done\.json)\.tmp-")
+
+
+def _temp_targets(plan, local):
+    """The files of the job whose temp files a stopped write may have left: the output shards
+    and, when the work location is local, the work files of it that have one beside them.
+
+    The map dirs are listed rather than every part name made (M x N of them): only names the
+    job itself gives (``part-PPPPP.tar`` with P < N, ``done.json``, ``boundaries.json``) count.
+    """
+    targets = list(plan.outputs)
+    if local:
+        targets.append(plan.boundaries_url)
+        for m in range(len(plan.inputs)):
+            try:
+                names = os.listdir(plan.map_dir(m))
+            except OSError:
+                continue
+            for name in names:
+                match = _WORK_TEMP.match(name)
+                if match is None:
+                    continue
+                if match.group(2) is None:
+                    targets.append(plan.marker_url(m))
+                    continue
+                p = int(match.group(2))
+                if p < len(plan.outputs) and match.group(1) == f"part-{p:05d}.tar":
+                    targets.append(plan.part_url(m, p))
+    return targets
+
+
+def _remove_dead_sample_dirs(plan):
+    """Remove the per-sample temp dirs (``tarproc-<pid>-...``) that killed processes left in the
+    default temp base, when the job runs user code: a mapper or reduce may run a command per
+    sample through tarproc's ShellRunner (``tarproc.processing.make_runner``). Only dirs of this
+    user whose process is dead and that no process holds locked go (sampledir.remove_dead_roots).
+    """
+    if plan.mapper is None and plan.reducer is None and plan.combiner is None:
+        return
+    from tarproc.runner.sampledir import default_tmpdir, remove_dead_roots
+
+    try:
+        remove_dead_roots(default_tmpdir())
+    except Exception:  # noqa: BLE001 - tidying must never fail a task or a job
+        pass
+
+
+def _tidy(plan, local):
+    """What interrupted or killed writers and workers left: temp files of the job's own files
+    (see storage.local.remove_temp_files: only regular files named so beside our targets), and
+    the sample dirs of dead processes."""
+    remove_temp_files(_temp_targets(plan, local))
+    _remove_dead_sample_dirs(plan)
+
+
 def run_twophase(mode, inputs, outputs, *, ordering, mapper=None, reducer=None, combine=False,
                  cluster=None, workers=None, workdir=None, keep_work=False, memory="256MB",
                  retries=2, force=False, speculation=True, progress=True, log_dir=None,
@@ -480,61 +544,69 @@ def run_twophase(mode, inputs, outputs, *, ordering, mapper=None, reducer=None, 
                 reducer=reducer, combine=combine, combiner=combiner, sample_size=sample_size)
     result = ReshardResult(mode=mode, inputs=in_urls, outputs=out_urls, workdir=workdir)
 
-    if not force and all(storage.exists(u) for u in out_urls):
-        result.skipped = True
-        result.message = (f"{mode}: all {n_out} output shards exist already; nothing to do "
-                          f"(--force to redo)")
-        result.seconds = time.monotonic() - t0
-        return result
+    # temp files of our outputs and work files that an interrupted or killed run left go
+    # first, and those of this run (stopped workers, cancelled tasks) at the end, however the
+    # job ends; so do the sample dirs of dead processes when user code runs
+    _tidy(plan, local)
+    try:
+        if not force and all(storage.exists(u) for u in out_urls):
+            result.skipped = True
+            result.message = (f"{mode}: all {n_out} output shards exist already; nothing to do "
+                              f"(--force to redo)")
+            result.seconds = time.monotonic() - t0
+            return result
 
-    in_keys = [storage.redact(u) for u in in_urls]
-    if len(set(in_keys)) != len(in_keys):
-        in_keys = [f"{i}:{k}" for i, k in enumerate(in_keys)]
-    out_keys = [storage.redact(u) for u in out_urls]
-    common = dict(retries=retries, speculation=speculation, progress=progress, log_dir=log_dir)
+        in_keys = [storage.redact(u) for u in in_urls]
+        if len(set(in_keys)) != len(in_keys):
+            in_keys = [f"{i}:{k}" for i, k in enumerate(in_keys)]
+        out_keys = [storage.redact(u) for u in out_urls]
+        common = dict(retries=retries, speculation=speculation, progress=progress, log_dir=log_dir)
 
-    with connect(cluster, workers=workers, quiet=not progress) as client:
-        if plan.mode == "sort" and n_out > 1:
-            plan.boundaries = _boundaries(plan, client, run_items, in_keys, force, common, result)
-            if plan.boundaries is None:
+        with connect(cluster, workers=workers, quiet=not progress) as client:
+            if plan.mode == "sort" and n_out > 1:
+                plan.boundaries = _boundaries(plan, client, run_items, in_keys, force, common,
+                                              result)
+                if plan.boundaries is None:
+                    return _finish(result, t0)
+
+            markers = {}
+
+            def map_done(m):
+                try:
+                    marker = _read_json(plan.marker_url(m))
+                except (TarprocError, OSError, ValueError):
+                    return False
+                if marker.get("fingerprint") != plan.fingerprint:
+                    return False
+                markers[m] = marker
+                return True
+
+            def on_map(record):
+                if record["status"] == "done":
+                    markers[record["index"]] = {"parts": record.get("parts", {})}
+
+            res = run_items(functools.partial(map_task, plan), range(n_in), keys=in_keys,
+                            **_driver_kw(client, is_done=map_done, force=force, desc="map",
+                                         on_result=on_map, **common))
+            result.phases["map"] = res
+            if not res.ok:
+                result.failed = _failures(res)
                 return _finish(result, t0)
 
-        markers = {}
+            plan.sources = [[m for m in range(n_in) if markers[m]["parts"].get(str(p))]
+                            for p in range(n_out)]
+            res = run_items(functools.partial(reduce_task, plan), range(n_out), keys=out_keys,
+                            **_driver_kw(client, desc="reduce", **common))
+            result.phases["reduce"] = res
+            if not res.ok:
+                result.failed = _failures(res)
+                return _finish(result, t0)
 
-        def map_done(m):
-            try:
-                marker = _read_json(plan.marker_url(m))
-            except (TarprocError, OSError, ValueError):
-                return False
-            if marker.get("fingerprint") != plan.fingerprint:
-                return False
-            markers[m] = marker
-            return True
-
-        def on_map(record):
-            if record["status"] == "done":
-                markers[record["index"]] = {"parts": record.get("parts", {})}
-
-        res = run_items(functools.partial(map_task, plan), range(n_in), keys=in_keys,
-                        **_driver_kw(client, is_done=map_done, force=force,
-                                                          desc="map", on_result=on_map, **common))
-        result.phases["map"] = res
-        if not res.ok:
-            result.failed = _failures(res)
-            return _finish(result, t0)
-
-        plan.sources = [[m for m in range(n_in) if markers[m]["parts"].get(str(p))]
-                        for p in range(n_out)]
-        res = run_items(functools.partial(reduce_task, plan), range(n_out), keys=out_keys,
-                        **_driver_kw(client, desc="reduce", **common))
-        result.phases["reduce"] = res
-        if not res.ok:
-            result.failed = _failures(res)
-            return _finish(result, t0)
-
-    if not keep_work:
-        _cleanup(plan, markers, local)
-    return _finish(result, t0)
+        if not keep_work:
+            _cleanup(plan, markers, local)
+        return _finish(result, t0)
+    finally:
+        _tidy(plan, local)  # (the cluster's workers, if local, are stopped by now)
 
 
 def _failures(res):

@@ -5,7 +5,9 @@ by :mod:`tarproc.uploadplan`; each shard is then one task that reads its sources
 commits it atomically, so a reader never sees a partial shard and retries or speculative copies
 are harmless. A rerun skips shards that already exist (after a crash, or after fixing unreadable
 files), and the manifest still lists every shard: entries of skipped shards come from the
-previous manifest when the shard's size still matches, otherwise the shard is read back.
+previous manifest when the shard's size still matches, otherwise the shard is read back. The temp
+files that stopped writes of the shards and the manifest leave (``.NAME.tmp-XXXX``, local ones)
+are removed before the first task and after the last, however the job ends.
 
 Unreadable files (missing, a dangling symlink, a directory, an http 404, ...): by default the
 shard that contains one is not written and counts as failed; every bad file of it is listed in
@@ -32,6 +34,7 @@ from dataclasses import dataclass, field
 
 from tarproc import storage, uploadplan as plan
 from tarproc.errors import TarprocError
+from tarproc.storage.local import remove_temp_files
 from tarproc.tarutils import parse_size, write_manifest
 
 __all__ = ["UploadResult", "upload", "plan_upload"]
@@ -157,88 +160,99 @@ def upload(sources, output, *, files=None, root=None, maxcount=None, maxsize=Non
 
     shards, seed_used = plan_upload(sources, output, files=files, root=root, maxcount=maxcount,
                                     maxsize=maxsize, shuffle=shuffle, seed=seed)
-    if shuffle and seed is None and not force:
-        present = [s.url for s in shards if storage.exists(s.url)]
-        if present:
-            raise TarprocError(f"{storage.redact(present[0])} already exists: a shuffled upload "
-                               f"resumes only with the same --seed (or use --force to rebuild)")
-    previous = {} if force else _load_previous(manifest)
-    result = UploadResult(output=output, seed=seed_used, skipped_unreadable=skip_unreadable)
-    entries = {}
-    planned = {s.url: len(s.samples) for s in shards}
+    # temp files of our shards and manifest that an interrupted or killed run left go first,
+    # and those of this run (stopped workers, cancelled tasks) at the end, however the job ends
+    targets = [s.url for s in shards] + ([manifest] if manifest else [])
+    remove_temp_files(targets)
+    try:
+        if shuffle and seed is None and not force:
+            present = [s.url for s in shards if storage.exists(s.url)]
+            if present:
+                raise TarprocError(f"{storage.redact(present[0])} already exists: a shuffled "
+                                   f"upload resumes only with the same --seed (or use --force "
+                                   f"to rebuild)")
+        previous = {} if force else _load_previous(manifest)
+        result = UploadResult(output=output, seed=seed_used, skipped_unreadable=skip_unreadable)
+        entries = {}
+        planned = {s.url: len(s.samples) for s in shards}
 
-    build = functools.partial(plan.build_shard_task, skip_unreadable=skip_unreadable,
-                              compression=compression)
-    with Cluster(cluster, workers=workers, quiet=not progress) as held:
-        keys = [storage.redact(s.url) for s in shards]
-        job = run_items(build, [_for_workers(s) for s in shards], keys=keys, cluster=held,
-                        retries=retries,
-                        is_done=_exists, force=force, speculation=speculation, progress=progress,
-                        desc="shards", log_dir=log_dir, on_result=on_result)
-        result.job = job
-        processed = set()
-        for record in job.items:
-            shard = shards[record["index"]]
-            processed.add(shard.url)
-            if record.get("unreadable"):
-                result.unreadable.extend(dict(p, shard=shard.url) for p in record["unreadable"])
-            if record["status"] != "done":
-                result.failed.append((shard.url, record.get("error", "failed")))
-                continue
-            if record.get("written") is False:
-                result.failed.append((shard.url, f"{len(record['unreadable'])} unreadable "
-                                                 f"file(s), shard not written"))
-                continue
-            result.written += 1
-            entry = {"url": shard.url, **{k: record[k] for k in ("count", "bytes", "sha256")}}
-            if record.get("unreadable"):
-                entry["unreadable"] = [{k: p[k] for k in ("key", "field", "source", "error")}
-                                       for p in record["unreadable"]]
-            entries[shard.url] = entry
-
-        # shards skipped because they exist: reuse the old manifest entry if the size still
-        # matches, else read the shard back (in parallel, on the same cluster)
-        unknown = []
-        for shard in shards:
-            if shard.url in processed:
-                continue
-            old = previous.get(shard.url)
-            if old is not None and all(k in old for k in ("count", "bytes", "sha256")):
-                try:
-                    same = storage.size(shard.url) == old["bytes"]
-                except Exception:  # noqa: BLE001
-                    same = False
-                if same:
-                    entries[shard.url] = dict(old)
+        build = functools.partial(plan.build_shard_task, skip_unreadable=skip_unreadable,
+                                  compression=compression)
+        with Cluster(cluster, workers=workers, quiet=not progress) as held:
+            keys = [storage.redact(s.url) for s in shards]
+            job = run_items(build, [_for_workers(s) for s in shards], keys=keys, cluster=held,
+                            retries=retries, is_done=_exists, force=force,
+                            speculation=speculation, progress=progress, desc="shards",
+                            log_dir=log_dir, on_result=on_result)
+            result.job = job
+            processed = set()
+            for record in job.items:
+                shard = shards[record["index"]]
+                processed.add(shard.url)
+                if record.get("unreadable"):
+                    result.unreadable.extend(dict(p, shard=shard.url)
+                                             for p in record["unreadable"])
+                if record["status"] != "done":
+                    result.failed.append((shard.url, record.get("error", "failed")))
                     continue
-            unknown.append(shard.url)
-        if unknown:
-            described = run_items(plan.describe_shard, [_absolute(u) for u in unknown],
-                                  keys=[storage.redact(u) for u in unknown], cluster=held,
-                                  retries=retries, speculation=False, progress=progress,
-                                  desc="existing shards")
-            for record in described.items:
-                url = unknown[record["index"]]
-                if record["status"] == "done":
-                    entries[url] = {"url": url, **{k: record[k] for k in ("count", "bytes", "sha256")}}
-                else:
-                    result.failed.append((url, f"exists but cannot be read back: {record['error']}"))
+                if record.get("written") is False:
+                    result.failed.append((shard.url, f"{len(record['unreadable'])} unreadable "
+                                                     f"file(s), shard not written"))
+                    continue
+                result.written += 1
+                entry = {"url": shard.url, **{k: record[k] for k in ("count", "bytes", "sha256")}}
+                if record.get("unreadable"):
+                    entry["unreadable"] = [{k: p[k] for k in ("key", "field", "source", "error")}
+                                           for p in record["unreadable"]]
+                entries[shard.url] = entry
 
-    # an existing shard from a different plan would silently duplicate or lose samples
-    for url, entry in entries.items():
-        left_out = len({p["key"] for p in entry.get("unreadable", [])})
-        if entry["count"] + left_out != planned[url]:
-            result.failed.append((url, f"exists with {entry['count']} samples but the plan puts "
-                                       f"{planned[url]} there (an earlier run with other inputs "
-                                       f"or seed?); use --force to rebuild"))
-    result.shards = [entries[s.url] for s in shards if s.url in entries]
-    result.manifest = {
-        "output": output,
-        "shuffle": bool(shuffle), "seed": seed_used,
-        "shards": result.shards,
-        "samples": result.samples, "bytes": result.nbytes,
-        "failed": [{"url": u, "error": e} for u, e in result.failed],
-    }
-    if manifest:
-        write_manifest(manifest, result.manifest)
-    return result
+            # shards skipped because they exist: reuse the old manifest entry if the size still
+            # matches, else read the shard back (in parallel, on the same cluster)
+            unknown = []
+            for shard in shards:
+                if shard.url in processed:
+                    continue
+                old = previous.get(shard.url)
+                if old is not None and all(k in old for k in ("count", "bytes", "sha256")):
+                    try:
+                        same = storage.size(shard.url) == old["bytes"]
+                    except Exception:  # noqa: BLE001
+                        same = False
+                    if same:
+                        entries[shard.url] = dict(old)
+                        continue
+                unknown.append(shard.url)
+            if unknown:
+                described = run_items(plan.describe_shard, [_absolute(u) for u in unknown],
+                                      keys=[storage.redact(u) for u in unknown], cluster=held,
+                                      retries=retries, speculation=False, progress=progress,
+                                      desc="existing shards")
+                for record in described.items:
+                    url = unknown[record["index"]]
+                    if record["status"] == "done":
+                        entries[url] = {"url": url,
+                                        **{k: record[k] for k in ("count", "bytes", "sha256")}}
+                    else:
+                        result.failed.append(
+                            (url, f"exists but cannot be read back: {record['error']}"))
+
+        # an existing shard from a different plan would silently duplicate or lose samples
+        for url, entry in entries.items():
+            left_out = len({p["key"] for p in entry.get("unreadable", [])})
+            if entry["count"] + left_out != planned[url]:
+                result.failed.append((url, f"exists with {entry['count']} samples but the plan "
+                                           f"puts {planned[url]} there (an earlier run with other "
+                                           f"inputs or seed?); use --force to rebuild"))
+        result.shards = [entries[s.url] for s in shards if s.url in entries]
+        result.manifest = {
+            "output": output,
+            "shuffle": bool(shuffle), "seed": seed_used,
+            "shards": result.shards,
+            "samples": result.samples, "bytes": result.nbytes,
+            "failed": [{"url": u, "error": e} for u, e in result.failed],
+        }
+        if manifest:
+            write_manifest(manifest, result.manifest)
+        return result
+    finally:
+        remove_temp_files(targets)  # (the cluster's workers, if local, are stopped by now)
