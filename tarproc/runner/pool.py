@@ -389,11 +389,15 @@ def _thread_steps(runner, work, results, options, stop):
     staged = None  # prepared, not launched
     current = None  # launched
     previous = None  # done, its dir not yet removed
+    done = None  # the result of previous, not yet put
     ending = False
     try:
         while True:
             if current is None:
                 if staged is None:
+                    if done is not None:
+                        results.put(done)
+                        done = None
                     if ending:
                         return
                     entry = work.get()
@@ -424,6 +428,11 @@ def _thread_steps(runner, work, results, options, stop):
                     ending = True
                 elif entry is not False:
                     staged = stage(entry)
+            if done is not None:
+                # Put only now, the file work above done: the calling thread, woken by it,
+                # then runs while this one waits, instead of taking turns with it for the GIL.
+                results.put(done)
+                done = None
             index, sample, job = current
             try:
                 if wait is not None:
@@ -446,8 +455,10 @@ def _thread_steps(runner, work, results, options, stop):
                     current = None
                 r = (index, 2, exc, b"", b"", None, 0)
             previous = job
-            results.put(r)
+            done = r
     finally:
+        if done is not None:
+            results.put(done)
         for held in (staged, current):
             if held is not None:
                 runner.cleanup(held[2])
