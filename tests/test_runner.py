@@ -489,6 +489,80 @@ def test_reused_dirs_look_fresh_to_every_sample(base, tmp_path, monkeypatch, pro
     assert leftovers(base) == []
 
 
+@pytest.mark.parametrize("collect", [True, False])
+def test_dir_read_back_without_listing_only_while_its_entries_are_ours(base, monkeypatch, collect):
+    """A sample dir whose entries the command left alone (its mtime is still prepare's mark) is
+    read back without listing it; in-place writes to the key or a field still count, and any
+    change of entries (or of the dir's mtime) takes the full listing. Over a pool of reused
+    workspaces, the outputs are those of the listing alone."""
+    from tarproc.runner import process_samples
+    from tarproc.runner.sampledir import ShellRunner as SR
+
+    calls = {"fast": 0}
+    fast = SR._read_unchanged_dir
+
+    def counted(self, *a):
+        calls["fast"] += 1
+        return fast(self, *a)
+
+    cmds = {  # command by index % 6, and what its sample must become
+        0: "true",
+        1: "printf k-new > __key__",  # in place: same inode, the dir unchanged
+        2: "printf Y | dd of=sample.cls conv=notrunc status=none",  # in place, same size
+        3: "touch .",  # the dir's mtime moves, no entry changes
+        4: "echo hi > sample.txt",  # a new entry
+        5: "rm sample.json",
+    }
+    script = "case $((TARPROC_INDEX % 6)) in " + " ".join(
+        f"{i}) {c};;" for i, c in cmds.items()) + " esac"
+    inputs = [{"__key__": f"k{i}", "cls": b"X", "json": b"{}"} for i in range(24)]
+
+    def expected(i):
+        out = {"__key__": f"k{i}", "cls": b"X", "json": b"{}"}
+        kind = i % 6
+        if kind == 1:
+            out["__key__"] = "k-new"
+        elif kind == 2:
+            out["cls"] = b"Y"
+        elif kind == 4:
+            out["txt"] = b"hi\n"
+        elif kind == 5:
+            del out["json"]
+        if not collect:
+            out = {k: (v if k == "__key__" else None) for k, v in out.items()}
+        return out
+
+    results = {}
+    for mode in ("listing", "fast"):
+        if mode == "fast":
+            monkeypatch.setattr(SR, "_read_unchanged_dir", counted)
+        else:  # the listing alone: prepare leaves the dir's mtime unmarked
+            monkeypatch.setattr(SR, "_read_unchanged_dir",
+                                lambda self, *a: pytest.fail("listing mode took the fast path"))
+            monkeypatch.setattr(os, "utime", _utime_files_only(os.utime))
+        r = ShellRunner(script, tmpdir=str(base), collect=collect)
+        outs = list(process_samples(r, inputs, processes=2))
+        r.close()
+        monkeypatch.undo()
+        results[mode] = [o.outputs for o in outs]
+        assert results[mode] == [[expected(i)] for i in range(24)], mode
+    # kinds 0-2 (half the samples) have dirs with unchanged entries
+    assert calls["fast"] == 12
+    assert leftovers(base) == []
+
+
+def _utime_files_only(utime):
+    """os.utime that leaves directories' times alone (so the sample dir is never marked)."""
+    import stat as stat_mod
+
+    def wrapped(path, *a, **kw):
+        if isinstance(path, int) and stat_mod.S_ISDIR(os.fstat(path).st_mode):
+            raise OSError("not marking dirs in this test")
+        return utime(path, *a, **kw)
+
+    return wrapped
+
+
 def test_recycle_keeps_only_the_files_it_wrote(base):
     r = ShellRunner("echo more > sample.out; mkdir d; ln -s sample.txt sample.lnk", tmpdir=str(base))
     job = r.prepare({"__key__": "a", "txt": b"first, longer"}, 0)

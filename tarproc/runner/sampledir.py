@@ -709,6 +709,13 @@ class ShellRunner:
                     local.close_file(fd)
                     _remove_at(dfd, name)
             ws.reuse = None
+            # The dir's mtime too: while it is still the mark, no entry was made, removed or
+            # renamed in it, and reading it back needs no listing (see _read_sample_dir).
+            try:
+                os.utime(dfd, ns=(mark, mark))
+                job.dir_marked = True
+            except OSError:
+                pass
         except BaseException:
             self.cleanup(job)
             raise
@@ -863,6 +870,8 @@ class ShellRunner:
         collect = self.collect
         written = job.written
         mark = job.mark
+        if top and job.dir_marked and os.fstat(dfd).st_mtime_ns == mark:
+            return self._read_unchanged_dir(dfd, default_key, url, job), []
         plain, other = [], []
         fields = {}
         subdirs = []
@@ -900,24 +909,72 @@ class ShellRunner:
         if key_entry is not None:
             key = None
             if top and job.key_ino is not None and key_entry.is_file(follow_symlinks=False):
-                st = key_entry.stat(follow_symlinks=False)
-                if (st.st_ino == job.key_ino and st.st_mtime_ns == mark
-                        and st.st_size == len(job.key_bytes)):
-                    key = default_key  # the file as it was written: the input key
+                key = self._key_as_written(key_entry.stat(follow_symlinks=False), job)
             if key is None:
-                try:
-                    key = _read_file("__key__", dfd).decode("utf-8").rstrip("\r\n")
-                except UnicodeDecodeError:
-                    raise SampleFailed(
-                        f"sample {default_key!r}: __key__ written by the command is not UTF-8",
-                        key=default_key,
-                        status="badkey",
-                    ) from None
-                check_key(key, f"sample {job.key!r}: key written by the command")
+                key = self._read_key(dfd, default_key, job)
         elif default_key is not None:
             key = default_key
         else:
             return None, subdirs
+        return self._sample(key, url, fields), subdirs
+
+    def _read_unchanged_dir(self, dfd, default_key, url, job):
+        """:meth:`_read_sample_dir` of the job's own dir while its entries are still those
+        :meth:`prepare` made (the dir's mtime is still the mark: nothing was created, removed or
+        renamed in it): the same sample and ``job.seen``, with no listing."""
+        prefix = self.basename + "."
+        plen = len(prefix)
+        collect = self.collect
+        written = job.written
+        mark = job.mark
+        plain = []
+        fields = {}
+        for name, (_, ino) in job.names_in.items():
+            plain.append((name, ino))
+            if name.startswith(prefix) and len(name) > plen:
+                if not collect:
+                    fields[name[plen:]] = None
+                    continue
+                data = written.get(ino) if written else None
+                if data is not None:
+                    st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                    if st.st_ino != ino or st.st_mtime_ns != mark or st.st_size != len(data):
+                        data = None
+                fields[name[plen:]] = _read_file(name, dfd) if data is None else data
+        job.seen = (plain, [])
+        if not fields:
+            return None
+        key = None
+        if job.key_ino is not None:
+            key = self._key_as_written(os.stat("__key__", dir_fd=dfd, follow_symlinks=False), job)
+        if key is None:
+            key = self._read_key(dfd, default_key, job)
+        return self._sample(key, url, fields)
+
+    @staticmethod
+    def _key_as_written(st, job):
+        """The input key if ``st`` is the ``__key__`` file as prepare wrote it, else None."""
+        if (st.st_ino == job.key_ino and st.st_mtime_ns == job.mark
+                and st.st_size == len(job.key_bytes)):
+            return job.key
+        return None
+
+    @staticmethod
+    def _read_key(dfd, default_key, job):
+        """The key the command wrote to ``__key__`` in ``dfd``, checked."""
+        try:
+            key = _read_file("__key__", dfd).decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError:
+            raise SampleFailed(
+                f"sample {default_key!r}: __key__ written by the command is not UTF-8",
+                key=default_key,
+                status="badkey",
+            ) from None
+        check_key(key, f"sample {job.key!r}: key written by the command")
+        return key
+
+    @staticmethod
+    def _sample(key, url, fields):
         out = {"__key__": key}
         if url is not None:
             out["__url__"] = url
@@ -927,7 +984,7 @@ class ShellRunner:
                 check_ext(ext, key)
                 safe.add(ext)
             out[ext] = fields[ext]
-        return out, subdirs
+        return out
 
     def __repr__(self):
         what = f"command={self.command!r}" if self.command is not None else f"script={self.script_name!r}"
@@ -947,7 +1004,7 @@ class _Job:
 
     __slots__ = ("sample", "key", "index", "source", "workdir", "local", "ws", "written", "mark",
                  "key_ino", "key_bytes", "names_in", "seen", "pid", "proc", "status", "group",
-                 "drained", "stdout", "stderr")
+                 "drained", "stdout", "stderr", "dir_marked")
 
     def __init__(self, sample, key, index, source, local, ws):
         self.sample = sample
@@ -970,6 +1027,7 @@ class _Job:
         self.drained = True
         self.stdout = b""
         self.stderr = b""
+        self.dir_marked = False
 
 
 class _Workspace:
