@@ -352,7 +352,9 @@ def _thread_steps(runner, work, results, options, stop):
 
     Between two commands there is only the wait's end and the next start: the next sample is
     prepared, the previous dir removed (or, with a runner that has ``recycle``, tidied for the
-    sample after next to reuse), and the outputs read back while a command runs.
+    sample after next to reuse), and the outputs read back while a command runs. A result is put
+    only once that file work is done, just before the wait: the calling thread, woken by it, then
+    runs while this one waits, rather than taking turns with it for the GIL at each system call.
     """
     decode, encode, keep, _ = options
     release = getattr(runner, "recycle", None) or runner.cleanup

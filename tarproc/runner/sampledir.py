@@ -16,7 +16,8 @@ Where the time goes, per sample, and what keeps it small: the command is started
 action instead of a working directory per thread); a pool thread reuses its sample dirs and the
 files in them (renamed, overwritten in place: no pages freed and allocated again, no inodes made
 and destroyed); every file operation goes through directory descriptors; files the command did
-not touch are not read back; the capture buffers are memfds.
+not touch are not read back, and a dir whose entries it left alone (its mtime is still the mark
+prepare gave it) is not even listed; the capture buffers are memfds.
 """
 
 from __future__ import annotations
