@@ -140,13 +140,10 @@ class MapShard:
 def _remove_dead_roots(runner):
     """Remove the sample dirs a killed process left in ``runner``'s temp base (see
     sampledir.remove_dead_roots), unless the runner keeps its dirs (debugging)."""
-    from ..runner.sampledir import ShellRunner, default_tmpdir, remove_dead_roots
+    from ..runner.sampledir import ShellRunner, remove_dead_roots
 
     if isinstance(runner, ShellRunner) and not runner.keep_dirs:
-        try:
-            remove_dead_roots(runner.tmpdir or default_tmpdir())
-        except Exception:  # noqa: BLE001 - tidying must never fail a shard or a job
-            pass
+        remove_dead_roots(runner.tmpdir)
 
 
 def make_runner(process_sample=None, command=None, **shell_options):

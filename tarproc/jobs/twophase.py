@@ -491,12 +491,9 @@ def _remove_dead_sample_dirs(plan):
     """
     if plan.mapper is None and plan.reducer is None and plan.combiner is None:
         return
-    from tarproc.runner.sampledir import default_tmpdir, remove_dead_roots
+    from tarproc.runner.sampledir import remove_dead_roots
 
-    try:
-        remove_dead_roots(default_tmpdir())
-    except Exception:  # noqa: BLE001 - tidying must never fail a task or a job
-        pass
+    remove_dead_roots()
 
 
 def _tidy(plan, local):

@@ -265,14 +265,17 @@ def group_members(groups):
     return found
 
 
-def remove_dead_roots(base):
-    """Remove the private root dirs in ``base`` of processes that ended without removing them.
+def remove_dead_roots(base=None):
+    """Remove the private root dirs in ``base`` (default: :func:`default_tmpdir`) of processes
+    that ended without removing them. Never raises for what it finds: jobs call it to tidy up.
 
     Only directories named as :func:`_make_root` names them for a runner (``tarproc-<pid>-`` and
     12 hex digits), owned by this user, whose process no longer runs (no such pid, or a zombie),
     and on which no process holds the lock :func:`_make_root` takes. A pid reused by another
     process keeps the dir until that process ends too. Returns the paths removed.
     """
+    if base is None:
+        base = default_tmpdir()
     try:
         import fcntl
 
@@ -866,13 +869,13 @@ class ShellRunner:
         (the job's own dir), ``job.seen`` receives ``(name, inode)`` of the plain files and the
         names of everything else in it, once all are listed.
         """
+        if top and job.dir_marked and os.fstat(dfd).st_mtime_ns == job.mark:
+            return self._read_unchanged_dir(dfd, default_key, url, job), []
         prefix = self.basename + "."
         plen = len(prefix)
         collect = self.collect
         written = job.written
         mark = job.mark
-        if top and job.dir_marked and os.fstat(dfd).st_mtime_ns == mark:
-            return self._read_unchanged_dir(dfd, default_key, url, job), []
         plain, other = [], []
         fields = {}
         subdirs = []
