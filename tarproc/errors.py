@@ -17,6 +17,19 @@ class UnsafeNameError(FormatError):
     """A member name that could escape a directory (``..``, absolute, control characters)."""
 
 
+class DuplicateKeyError(TarprocError, ValueError):
+    """An output sample has the same key as the one written just before it.
+
+    Readers group consecutive members by key, so the two would read back as one sample
+    (webdataset refuses it: "duplicate file name"); writers refuse it instead.
+    """
+
+    def __init__(self, message, key=None, url=None):
+        super().__init__(message)
+        self.key = key
+        self.url = url  # of the output, once the message names it
+
+
 class StorageError(TarprocError):
     """Opening, reading, writing or committing a storage URL failed."""
 

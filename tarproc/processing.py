@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 
+from .errors import DuplicateKeyError
 from . import shards, storage, streams, tario
 from .tario import reader as tario_reader, writer as tario_writer
 from .tario.compress import _PrefixedReader
@@ -160,7 +161,8 @@ def process_stream(inputs, output=None, runner=None, *, processes=1, ordered=Tru
     held = {}  # raw: index -> (item, start of its tar members), until its outcome is handled
     if raw:
         samples = _raw_items(inputs, in_bytes, read_options, held)
-        codec = dict(decode=_decode_item, encode=_encode_outputs, blocks=True, parent_works=True)
+        codec = dict(decode=_decode_item, encode=_encode_outputs if output else _no_outputs,
+                     blocks=True, parent_works=True)
     elif not chunks:
         samples = streams.iter_samples(inputs, **read_options)
         codec = {}
@@ -232,9 +234,11 @@ def process_stream(inputs, output=None, runner=None, *, processes=1, ordered=Tru
         if sink:
             sink.close()
             result.out_bytes = sink.nbytes
-    except BaseException:
+    except BaseException as exc:
         if sink:
             sink.abort()
+            if isinstance(exc, DuplicateKeyError) and exc.url is None:  # found in a worker
+                raise sink.named(exc) from None
         raise
     finally:
         if bar is not None:
@@ -248,7 +252,7 @@ def process_stream(inputs, output=None, runner=None, *, processes=1, ordered=Tru
 def _process_chunks(inputs, sink, runner, processes, errors, read_options, emit, bar, result):
     """Run `runner` over the samples of `inputs` in chunks; write to `sink`, count in `result`."""
     write = sink.write if sink else _discard
-    with SamplePool(_ChunkRunner(runner, errors, read_options), processes, parent_works=True,
+    with SamplePool(_ChunkRunner(runner, errors, read_options, bool(sink)), processes, parent_works=True,
                     max_in_flight=CHUNKS_PER_PROCESS * processes, queue_depth=3) as pool:
         for url in shards.expand_inputs(inputs):
             with storage.open_read(url) as raw:
@@ -397,7 +401,7 @@ def _add_counts(result, counts):
 
 def _chunk_done(done, chunk, sink, emit, result, state):
     """Write and report what a _ChunkRunner made of `chunk`; raise its failure (errors="abort")."""
-    data, counts, events, _, _, last, failure = done
+    data, counts, events, _, _, last, failure, keys = done
     first = result.inputs  # index of the chunk's first sample in the stream of samples
     for out, err, error in events:
         if error is not None:
@@ -409,7 +413,7 @@ def _chunk_done(done, chunk, sink, emit, result, state):
         failure.index += first
         raise failure
     if data and sink:
-        sink.write_raw(chunk if data == _SAME else data, counts[1])
+        sink.write_raw(chunk if data == _SAME else data, counts[1], keys=keys)
     _add_counts(result, counts)
     if last is not None:
         state.last = last
@@ -485,10 +489,11 @@ class _ChunkRunner:
     """The pool's runner in chunk mode: runs `runner` over the samples of a chunk as `-p 1`
     runs it over a stream (see process_stream)."""
 
-    def __init__(self, runner, errors, read_options):
+    def __init__(self, runner, errors, read_options, outputs=True):
         self.runner = runner
         self.errors = errors
         self.read_options = read_options
+        self.outputs = outputs  # False: the outputs are dropped, not even encoded
         self.files = {}  # path -> open file descriptor, of the inputs read in this process
 
     def __getstate__(self):
@@ -512,10 +517,11 @@ class _ChunkRunner:
 
     def run(self, item, index=0):
         """A SampleResult whose one output is `(data, counts, events, keys, ordered, last,
-        failure)`: the chunk's output samples as tar members (or _SAME), the counts (as
-        _COUNTS), `(stdout, stderr, packed failure or None)` runs to report in order, the input
-        keys ("\n"-joined) and whether they increase, the last member's name, and the packed
-        failure that stopped it (errors="abort"); or None, before anything runs, if reading the
+        failure, out_keys)`: the chunk's output samples as tar members (or _SAME), the counts
+        (as _COUNTS), `(stdout, stderr, packed failure or None)` runs to report in order, the
+        input keys ("\n"-joined) and whether they increase, the last member's name, the packed
+        failure that stopped it (errors="abort"), and the keys of the first and last output
+        samples (for `TarWriter.write_raw`); or None, before anything runs, if reading the
         chunk warned or failed."""
         url = item.url
         # (room for a key a member; a warning raised, to stop at once)
@@ -534,7 +540,8 @@ class _ChunkRunner:
         sink = tario_writer._Collector()
         writer = tario.TarWriter(sink)
         events = []
-        counts, failure = _run_samples(self.runner, _replay(pairs), writer.write, self.errors,
+        counts, failure = _run_samples(self.runner, _replay(pairs),
+                                       writer.write if self.outputs else _discard, self.errors,
                                        lambda out, err, error: _add_event(events, out, err, error))
         writer._flush()
         events = [(b"".join(outs), err, None if error is None else _pack_exc(error))
@@ -542,10 +549,11 @@ class _ChunkRunner:
         keys = [sample["__key__"] for sample, _ in pairs]
         ordered = keys == sorted(keys)  # (and distinct, or the reader would have warned)
         data = b"".join(sink.parts)
+        out_keys = (tario_writer.first_key(data), writer.last_key)
         if data == chunk:  # the output is the input, bytes and all: do not send it back
             data = _SAME
         done = (data, counts, events, "\n".join(keys), ordered, state.last,
-                None if failure is None else _pack_exc(failure))
+                None if failure is None else _pack_exc(failure), out_keys)
         return SampleResult([done])
 
 
@@ -612,7 +620,7 @@ def _write_block(sink, held, index, datas, count):
         elif data:
             parts.append(data)
     if sink and parts:
-        sink.write_raw(parts[0] if len(parts) == 1 else b"".join(parts), count)
+        sink.write_raw_parts(parts, count)
 
 
 def _decode_item(item):
@@ -633,6 +641,11 @@ def _encode_outputs(outputs):
     if known is not None and len(outputs) == 1 and tario_writer._same_sample(outputs[0], known[0], known[1]):
         return _SAME
     return tario.encode_samples(outputs)
+
+
+def _no_outputs(outputs):
+    """The encoding of outputs that are dropped (no output URL): none (runs in the workers)."""
+    return b""
 
 
 def _size(sample):

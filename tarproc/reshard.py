@@ -18,6 +18,8 @@ The pieces:
   temp disk, k-way merge them back (bounded fan-in);
 - :func:`group_reduce` -- apply `reduce_samples(key, samples)` to each run of equal keys (used
   for the final reduce and for the combiner inside map tasks);
+- :func:`keys_apart` -- a shuffled stream with no two consecutive samples of one key (readers
+  would take them for one sample);
 - :func:`write_run` / :func:`read_run` -- the intermediate tar format (batches of msgpack records
   holding each sample's order, original key and fields, so equal keys never merge).
 """
@@ -25,6 +27,7 @@ The pieces:
 from __future__ import annotations
 
 import bisect
+import collections
 import hashlib
 import heapq
 import itertools
@@ -37,12 +40,12 @@ import struct
 import tempfile
 import types
 
-from .errors import TarprocError
+from .errors import DuplicateKeyError, TarprocError
 
 __all__ = [
     "ReshardError", "Ordering", "Dealer", "RangePartitioner", "ExternalSorter", "reservoir",
     "choose_boundaries", "group_reduce", "merge_runs", "write_run", "read_run", "parse_size",
-    "load_script", "apply_mapper", "sample_nbytes", "RUN_FIELD",
+    "load_script", "apply_mapper", "sample_nbytes", "keys_apart", "RUN_FIELD",
 ]
 
 #: The field (member extension) of the batch members of intermediate run files.
@@ -642,6 +645,50 @@ def group_reduce(samples, ordering, reduce_fn, keep_group_key=False):
             if part is not None:
                 out["__part__"] = part
             yield out
+
+
+def keys_apart(samples, window=64):
+    """`samples` in their order, except that a sample with the key of the one before it waits
+    until one with another key has gone out: no two consecutive samples share a key.
+
+    For shuffled output, where samples of one key (a dataset with duplicate keys) meet only by
+    chance, and would read back as one sample. The last `window` samples are held before they
+    go out, so that samples still waiting when the stream ends can be put in among them.
+    DuplicateKeyError, naming the key, if there is no room even there (one key makes up
+    most of the end of the stream).
+    """
+    ready = collections.deque()  # in order, not yet yielded
+    held = collections.deque()  # waiting for another key to go out first
+    last = None  # key of the last sample in `ready`
+    gone = None  # key of the last sample yielded
+    for sample in samples:
+        key = sample["__key__"]
+        if key == last:
+            held.append(sample)
+            continue
+        ready.append(sample)
+        last = key
+        while held and held[0]["__key__"] != last:
+            sample = held.popleft()
+            last = sample["__key__"]
+            ready.append(sample)
+        while len(ready) > window:
+            sample = ready.popleft()
+            gone = sample["__key__"]
+            yield sample
+    for sample in held:  # each of the last key: into the latest gap between two other keys
+        key = sample["__key__"]
+        for i in range(len(ready) - 1, -1, -1):
+            before = ready[i - 1]["__key__"] if i else gone
+            if before != key and ready[i]["__key__"] != key:
+                ready.insert(i, sample)
+                break
+        else:
+            raise DuplicateKeyError(
+                f"the samples with the key {key!r} cannot be kept apart at the end of the output: "
+                "readers (webdataset, tarproc) would take consecutive samples of one key for "
+                "one sample; give them distinct keys", key)
+    yield from ready
 
 
 def _strip_private(sample):

@@ -7,7 +7,7 @@ the Python API use for every read and write of samples.
 
 
 from . import shards, storage, tario
-from .errors import TarprocError
+from .errors import DuplicateKeyError, TarprocError
 
 
 def iter_raw_samples(source, *, strict=False, count=None, max_member_size=None, unsafe="error"):
@@ -124,13 +124,37 @@ class SampleWriter(_CommitOnExit):
         self.closed = False
 
     def write(self, sample):
-        self._tar.write(sample)
+        """Append one sample; DuplicateKeyError (naming this output) if its key is the key of
+        the sample written just before it."""
+        try:
+            self._tar.write(sample)
+        except DuplicateKeyError as exc:
+            raise self.named(exc) from None
         self.count += 1
 
-    def write_raw(self, data, count=1):
-        """Append ``count`` samples already encoded as tar members (``tario.encode_samples``)."""
-        self._tar.write_raw(data, count)
+    def write_raw(self, data, count=1, keys=None):
+        """Append ``count`` samples already encoded as tar members (``tario.encode_samples``);
+        ``keys`` as ``TarWriter.write_raw`` takes them."""
+        try:
+            self._tar.write_raw(data, count, keys=keys)
+        except DuplicateKeyError as exc:
+            raise self.named(exc) from None
         self.count += count
+
+    def write_raw_parts(self, parts, count):
+        """``write_raw`` of the raw tar data ``parts`` one after the other, in one piece."""
+        try:
+            keys = tario.writer.chain_keys(parts)
+        except DuplicateKeyError as exc:
+            raise self.named(exc) from None
+        self.write_raw(parts[0] if len(parts) == 1 else b"".join(parts), count, keys=keys)
+
+    def named(self, exc):
+        """DuplicateKeyError ``exc`` (from this writer, or from where its raw data was encoded)
+        with a message that names this output."""
+        if exc.url is not None:
+            return exc
+        return DuplicateKeyError(f"{self.url}: {exc}", exc.key, self.url)
 
     @property
     def nbytes(self):

@@ -314,3 +314,63 @@ def test_real_cluster_sort_with_reduce_callable(data, tmp_path, dask_scheduler_a
     assert r.ok, r.failed
     keys = [s["__key__"] for s in iter_samples(str(tmp_path / "out/o-@2.tar"))]
     assert keys == [f"k{i:04d}" for i in range(150)]
+
+
+@pytest.mark.filterwarnings("ignore:.*split")  # the same key again, further on
+def test_duplicate_keys_shuffled_apart_and_refused_by_sort(tmp_path, cluster):
+    """Inputs holding each key several times (two copies of a dataset, and a key in every
+    shard): htshuffle writes every sample, never two of one key in a row (webdataset would read
+    those as one sample and fail); htsort, which must put them side by side, fails with a
+    message naming the output and the key, and writes nothing; --reduce merges them."""
+    import webdataset as wds
+
+    tiny_shards(tmp_path / "in", 6, 200, key=lambda s, i: f"k{i % 100:03d}" if i % 7 else "same")
+    inputs = str(tmp_path / "in/in-@6.tar")
+    original = read_all(inputs)
+    r = shuffle(inputs, str(tmp_path / "sh/o-@3.tar"), seed=1, cluster=cluster, progress=False)
+    assert r.ok, r.failed
+    outs = sorted(str(p) for p in (tmp_path / "sh").iterdir())
+    assert Counter(read_all(str(tmp_path / "sh/o-@3.tar"))) == Counter(original)
+    for url in outs:
+        keys = [s["__key__"] for s in iter_samples(url)]
+        assert all(a != b for a, b in zip(keys, keys[1:]))
+        assert sum(1 for _ in wds.WebDataset(url, shardshuffle=False)) == len(keys)
+    r = cli("htsort", "in/in-@6.tar", "st/o-@2.tar", "-j", "2", "-q", "--retries", "0", cwd=tmp_path)
+    assert r.returncode != 0
+    assert "two consecutive output samples have the key" in r.stderr and "--reduce" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "st").exists() or not any(
+        p.name.endswith(".tar") for p in (tmp_path / "st").iterdir())
+    (tmp_path / "merge.py").write_text(
+        "def reduce_samples(key, samples):\n"
+        "    return {'__key__': key, 'v': b','.join(sorted(s['v'] for s in samples))}\n")
+    r = cli("htsort", "in/in-@6.tar", "st/o-@2.tar", "-j", "2", "-q", "--reduce", "merge.py",
+            cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    merged = read_all(str(tmp_path / "st/o-@2.tar"))
+    assert len(merged) == len({k for k, *_ in original}) == 101
+
+
+def test_keys_apart_holds_back_only_what_it_must():
+    from tarproc.errors import DuplicateKeyError
+    from tarproc.reshard import keys_apart
+
+    def run(keys, window=64):
+        got = [s["__key__"] for s in keys_apart(({"__key__": k} for k in keys), window)]
+        assert sorted(got) == sorted(keys)
+        assert all(a != b for a, b in zip(got, got[1:])), got
+        return "".join(got)
+
+    assert run("abcab") == "abcab"  # nothing to do
+    assert run("aab") == "aba"
+    assert run("aaabcd") == "abacad"
+    assert run("abbbcdd") == "abcbdbd"
+    assert run("xaaaabbbbcccc" + "defghijklmnop") == "xababababcdcecfcghijklmnop"
+    # the end: what still waits goes into the latest gap between two other keys
+    assert run("abcdee") == "abcede"
+    assert run("abcdeee") == "abecede"
+    assert run("abcdeee", window=3) == "abecede"
+    with pytest.raises(DuplicateKeyError, match="'a'"):
+        run("abaa")
+    with pytest.raises(DuplicateKeyError, match="'e'"):
+        run("abcdeee", window=2)  # a, b are out: c d e is no room for two more

@@ -248,3 +248,16 @@ def test_workers_must_be_at_least_one(tool, tmp_path):
     proc = subprocess.run(f"{BIN}/{tool} -j 0 a-@2.tar b-@2.tar", shell=True, capture_output=True,
                           cwd=tmp_path)
     assert proc.returncode == 2 and b"must be at least 1, not 0" in proc.stderr
+
+
+def test_htmapper_refuses_two_outputs_of_one_key_in_a_row(data, dask_scheduler_address):
+    """A mapper that returns a sample twice would make readers merge the two: each shard fails
+    naming its output and the key, and no output is written."""
+    (data / "twice.py").write_text("def process_sample(s):\n    return [s, dict(s)]\n")
+    proc = sh(f"htmapper -c {dask_scheduler_address} --retries 0 -p twice.py "
+              "'data/imagenet_train-{0000..0001}.tgz' 'out/twice-@2.tar'", data, timeout=180)
+    err = assert_one_line_error(proc, "htmapper")
+    for i in range(2):
+        key = samples_of(data / f"data/imagenet_train-{i:04d}.tgz")[0]["__key__"]
+        assert f"out/twice-{i}.tar: two consecutive output samples have the key {key!r}" in err, err
+    assert not (data / "out").exists() or not list((data / "out").iterdir())

@@ -15,11 +15,12 @@ import warnings
 import pytest
 import zstandard
 
-from tarproc.errors import FormatError, UnsafeNameError
+from tarproc.errors import DuplicateKeyError, FormatError, UnsafeNameError
 from tarproc.tario import (
     TarioWarning,
     TarWriter,
     compression_for_name,
+    encode_samples,
     iter_members,
     iter_samples,
     open_decompressed,
@@ -918,14 +919,14 @@ def test_writev_to_plain_files_is_byte_identical(tmp_path):
     # mtime and write_raw large and small on the same path
     raw = write_bytes(samples[:3])[:-1024]
     with open(tmp_path / "e.tar", "wb") as f, TarWriter(f, mtime=123) as w:
-        w.write(samples[0])
+        w.write(samples[4])
         w.write_raw(raw, samples=3)
         w.write_raw(memoryview(raw), samples=3)
         w.write_raw(raw[:1024])
         w.write(samples[5])
     ref = io.BytesIO()
     with TarWriter(ref, mtime=123) as w:
-        w.write(samples[0])
+        w.write(samples[4])
         w.write_raw(raw, samples=3)
         w.write_raw(memoryview(raw), samples=3)
         w.write_raw(raw[:1024])
@@ -1156,12 +1157,16 @@ def test_samples_written_later_or_twice_or_interleaved():
     b = write_bytes(mixed_samples(seed=2, n=10))
     kept = list(iter_samples(io.BytesIO(a)))  # written after reading all: no passthrough
     assert write_bytes(kept) == a
-    out = io.BytesIO()
-    with TarWriter(out) as w:
+    out, again = io.BytesIO(), io.BytesIO()
+    with TarWriter(out) as w, TarWriter(again) as w2:
         for s in iter_samples(io.BytesIO(a)):
             w.write(s)
-            w.write(s)  # twice
-    assert out.getvalue() == write_bytes([x for s in kept for x in (s, s)])
+            w2.write(s)  # twice
+            with pytest.raises(DuplicateKeyError, match=repr(s["__key__"])):
+                w.write(s)  # the same key right after itself: refused, nothing written
+            with pytest.raises(DuplicateKeyError):
+                w.write(dict(s, other=b"x"))  # (the general path too)
+    assert out.getvalue() == again.getvalue() == a
     out1, out2 = io.BytesIO(), io.BytesIO()
     with TarWriter(out1) as w1, TarWriter(out2) as w2:
         for s1, s2 in zip(iter_samples(io.BytesIO(a)), iter_samples(io.BytesIO(b))):
@@ -1376,7 +1381,9 @@ def random_archive(rnd):
             dot = name.find(".", slash + 1)
             if kind == "file" and dot > slash + 1 and not name.startswith(("_", "/")) and ".." not in name:
                 samples.append({"__key__": name[:dot], name[dot + 1 :]: blob[:size]})
-        data = write_bytes(samples)
+        # one member a sample, each encoded on its own: consecutive members with one key (which
+        # a TarWriter refuses as samples) make a sample of several members, or a repeated one
+        data = b"".join(encode_samples([s]) for s in samples) + bytes(1024)
     else:
         buf = io.BytesIO()
         fmt = rnd.choice([tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
@@ -1484,3 +1491,47 @@ def test_passthrough_needs_exact_headers(odd, size):
     data = plain_ones + odd(value) + raw_member("c.x", value) + raw_member("c.y", b"2") + bytes(1024)
     fast, slow = copy_outcome(data, False), copy_outcome(data, True)
     assert fast == slow and fast[1] is None
+
+
+@pytest.mark.filterwarnings("ignore:.*split")  # the same key again, further on
+def test_writer_refuses_consecutive_samples_of_one_key_on_every_path(tmp_path):
+    """Two samples of one key in a row would read back as one (webdataset: "duplicate file
+    name"): write, write_raw (keys read from the headers, pax names too, or passed in) and
+    encode_samples refuse them before writing a byte; SampleWriter names its output."""
+    from tarproc.streams import SampleWriter
+    from tarproc.tario.writer import chain_keys, first_key, raw_keys
+
+    long = "d/" + "k" * 150  # a pax header holds its members' names
+    a, b, c = ({"__key__": k, "txt": k} for k in ("a", long, "c"))
+    raw_ab = encode_samples([a, b])
+    assert raw_keys(raw_ab) == ("a", long) and first_key(raw_ab) == "a"
+    assert raw_keys(b"") == (None, None) and first_key(encode_samples([b])) == long
+    assert chain_keys([raw_ab, b"", encode_samples([c])]) == ("a", "c")
+    with pytest.raises(DuplicateKeyError, match=repr(long)):
+        chain_keys([raw_ab, encode_samples([dict(b, cls="1")])])
+    with pytest.raises(DuplicateKeyError, match="'a'"):
+        encode_samples([a, dict(a, cls="2")])
+    assert encode_samples([a]) + encode_samples([a]) == encode_samples([a]) * 2  # call by call
+
+    out = io.BytesIO()
+    w = TarWriter(out)
+    w.write_raw(raw_ab, 2)
+    assert w.last_key == long
+    for bad in (lambda: w.write(dict(b, cls="1")),
+                lambda: w.write_raw(encode_samples([b]), 1),
+                lambda: w.write_raw(memoryview(encode_samples([b])), 1),
+                lambda: w.write_raw(b"x" * 512, 1, keys=(long, "z"))):  # trusted keys
+        with pytest.raises(DuplicateKeyError) as e:
+            bad()
+        assert e.value.key == long
+    w.write_raw(encode_samples([c, a]), 2, keys=("c", "a"))
+    w.write(b)
+    w.close()
+    assert [s["__key__"] for s in iter_samples(io.BytesIO(out.getvalue()))] == ["a", long, "c", "a", long]
+    assert out.getvalue() == encode_samples([a, b, c, a, b]) + bytes(1024)  # nothing of the refused
+
+    with pytest.raises(DuplicateKeyError, match=r"^.*out\.tar: two consecutive output samples have the key 'a'"):
+        with SampleWriter(str(tmp_path / "out.tar")) as sink:
+            sink.write(a)
+            sink.write_raw_parts([encode_samples([c]), encode_samples([a]), encode_samples([a])], 3)
+    assert not (tmp_path / "out.tar").exists()

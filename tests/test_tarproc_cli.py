@@ -408,3 +408,44 @@ def test_unbuffered_python_loses_nothing_on_a_slow_pipe(data):
         proc = sh("tarproc -q -p 2 -c 'cat sample.jpg' imagenet_train-0000.tgz | (sleep 0.05; wc -c)",
                   data, check=True, env=env)
         assert int(proc.stdout) == jpgs
+
+
+@pytest.mark.parametrize("how", [
+    "-c 'echo same > __key__'",
+    "-c 'echo same > __key__' -p 2",
+    "-P samekey.py",
+    "-P samekey.py -p 2",  # chunks: found in a worker
+    "-P samekey.py -p 2 --count 9",  # raw samples: found in a worker
+    "-P twice.py -p 2",  # two outputs of one sample
+    "-S -c 'mkdir d && cp __key__ sample.cls d/'",  # a subdir sample with the dir's own key
+])
+def test_consecutive_output_samples_with_one_key_are_refused(data, how):
+    """Readers group consecutive members by key (webdataset fails on the result): an output
+    that would hold two samples of one key in a row is an error naming the output and the key,
+    whatever the path the samples take, and nothing is written. Without -o they are dropped:
+    no error."""
+    (data / "samekey.py").write_text(
+        "def process_sample(s):\n    s['__key__'] = 'same'\n    return s\n")
+    (data / "twice.py").write_text(
+        "def process_sample(s):\n    return [s, dict(s, txt=b'again')]\n")
+    key = "same" if "same" in how else keys_of(data / "imagenet_train-0000.tgz")[0]
+    proc = sh(f"tarproc {how} imagenet_train-0000.tgz -o out.tar", data)
+    err = assert_one_line_error(proc, "tarproc")
+    assert len(err.splitlines()) == 1, err
+    assert f"out.tar: two consecutive output samples have the key {key!r}" in err
+    assert not (data / "out.tar").exists()
+    sh(f"tarproc -q {how} imagenet_train-0000.tgz", data, check=True)
+
+
+@pytest.mark.filterwarnings("ignore:.*split")  # the same key again, further on
+def test_samples_of_one_key_at_the_seam_of_two_inputs_are_refused(data):
+    from tarproc.streams import write_samples
+
+    first = list(iter_samples(str(data / "imagenet_train-0000.tgz")))
+    write_samples(str(data / "a.tar"), first[:3])
+    write_samples(str(data / "b.tar"), first[2:5])  # starts with a.tar's last sample
+    proc = sh("tarproc -c true a.tar b.tar -o out.tar", data)
+    err = assert_one_line_error(proc, "tarproc")
+    assert f"the key {first[2]['__key__']!r}" in err and not (data / "out.tar").exists()
+    sh("tarproc -c true a.tar a.tar -o out.tar", data, check=True)  # a.tar again: apart
+    assert keys_of(data / "out.tar") == [s["__key__"] for s in first[:3]] * 2

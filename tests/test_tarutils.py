@@ -182,3 +182,17 @@ def test_tarcat_failure_leaves_no_output(testdata, tmp_path):
     assert proc.stderr.decode().startswith("tarcat: error:")
     assert not (tmp_path / "out.tar").exists()
     assert [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_tarcat_refuses_a_key_repeated_at_the_seam(imagenet_dir, tmp_path):
+    """tarcat of a shard and a copy of its last sample: two samples of one key in a row, which
+    readers would merge: refused in one line naming the output and the key, nothing written."""
+    src = imagenet_dir / "imagenet_train-0000.tgz"
+    last = samples_of(str(src))[-1]
+    streams.write_samples(str(tmp_path / "last.tar"), [last])
+    proc = run("tarcat", src, tmp_path / "last.tar", "-o", tmp_path / "out.tar", check=False)
+    assert proc.returncode == 1
+    err = proc.stderr.decode()
+    assert err.startswith("tarcat: error:") and len(err.splitlines()) == 1
+    assert f"out.tar: two consecutive output samples have the key {last['__key__']!r}" in err
+    assert not (tmp_path / "out.tar").exists()

@@ -48,7 +48,7 @@ import time
 from dataclasses import dataclass, field
 
 from tarproc import reshard, shards, storage
-from tarproc.errors import TarprocError
+from tarproc.errors import DuplicateKeyError, TarprocError
 from tarproc.storage.local import remove_temp_files
 
 __all__ = ["shuffle", "sort", "run_twophase", "ReshardResult", "UserCode", "WorkdirError"]
@@ -285,11 +285,21 @@ def reduce_task(plan, p):
     stream = iter(counter)
     if plan.reducer is not None:
         stream = reshard.group_reduce(stream, ordering, plan.reducer.load())
+    if plan.mode == "shuffle":
+        stream = reshard.keys_apart(stream)  # duplicate keys, side by side by chance
     with SampleWriter(plan.outputs[p], sha256=False) as sink:
-        for sample in stream:
-            sample.pop("__order__", None)
-            sample.pop("__part__", None)
-            sink.write(sample)
+        try:
+            for sample in stream:
+                sample.pop("__order__", None)
+                sample.pop("__part__", None)
+                sink.write(sample)
+        except DuplicateKeyError as exc:
+            if plan.mode == "sort" and plan.reducer is None and ordering.field is None:
+                exc = sink.named(exc)
+                raise DuplicateKeyError(
+                    f"{exc} (the inputs hold it more than once, and sorted, those samples are side "
+                    "by side; --reduce FILE.py merges the samples of each key)", exc.key, exc.url) from None
+            raise sink.named(exc) from None
     return {"samples_in": counter.count, "bytes_in": counter.nbytes,
             "samples_out": sink.count, "bytes_out": sink.nbytes}
 

@@ -17,13 +17,13 @@ import os
 import struct
 from operator import is_
 
-from tarproc.errors import UnsafeNameError
+from tarproc.errors import DuplicateKeyError, UnsafeNameError
 
 from .compress import make_compressor
 from .names import unsafe_reason
-from .reader import _last_plain, _last_read
+from .reader import _header_name, _header_size, _last_plain, _last_read, _parse_pax
 
-__all__ = ["TarWriter", "encode_samples"]
+__all__ = ["TarWriter", "encode_samples", "first_key", "raw_keys", "chain_keys"]
 
 _FLUSH = 1 << 20  # buffered output before a write to the file object
 _BIG = 1 << 16  # values at least this large are passed through without joining
@@ -85,6 +85,10 @@ class TarWriter:
     overrides the compression level. ``mtime`` is the modification time stamped on every member.
     ``close()`` (or leaving a ``with`` block) ends the archive and flushes the compressor but
     leaves ``fileobj`` open: whoever opened it commits or closes it.
+
+    A sample with the key of the sample written just before it raises DuplicateKeyError and
+    writes nothing: readers group consecutive members by key, so the two would read back as
+    one (webdataset fails on it). ``last_key`` is the key of the last sample written.
     """
 
     def __init__(self, fileobj, compression=None, *, mtime=0, level=None):
@@ -121,6 +125,7 @@ class TarWriter:
         self._const0 = self._const_sum[b"0"]
         self._mtime0 = mtime == 0  # headers as the reader's plain ones (see write)
         self.samples = 0  #: samples written so far
+        self.last_key = None  #: key of the last sample written (None before the first)
         self.members = 0  #: members written so far (pax headers not counted)
         self.bytes = 0  #: uncompressed bytes of tar stream produced so far
 
@@ -152,6 +157,9 @@ class TarWriter:
             # in the same order. Its members' headers, as they were read,
             # are exactly those this writer would make; the same bytes, flushed alike.
             values = known[2]  # key, url, then the members' data in order
+            if values[0] == self.last_key:
+                raise _duplicate(values[0])
+            self.last_key = values[0]
             parts = self._parts
             vector = self._fd is not None
             added = 0
@@ -191,6 +199,8 @@ class TarWriter:
             reason = unsafe_reason(key)
             if reason is not None:
                 raise UnsafeNameError(f"key {key!r}: unsafe member name ({reason})")
+        if key == self.last_key:
+            raise _duplicate(key)
         # With a key like that, "KEY.EXT" splits back into KEY and EXT for any EXT without '/',
         # and is safe if KEY is and EXT has no control characters.
         # The extensions in sorted order. Samples read from one shard mostly have the same keys
@@ -280,6 +290,7 @@ class TarWriter:
                     self._vector = True
             added += 512 + size + pad
             self.members += 1
+        self.last_key = key
         self._end_sample(added)
 
     def _end_sample(self, added):
@@ -291,16 +302,26 @@ class TarWriter:
             if self._pending >= _FLUSH:
                 self._flush()
 
-    def write_raw(self, data, samples=0, members=0):
+    def write_raw(self, data, samples=0, members=0, keys=None):
         """Append tar members already encoded (by ``encode_samples``, or the ``raw`` bytes of
         ``iter_raw_samples``): whole 512-byte blocks, no end-of-archive blocks. They are
         compressed like everything else; ``samples`` and ``members`` are added to the counts.
+
+        ``keys``: ``(first, last)``, the keys of the first and the last sample in ``data``, from
+        a caller that knows them and that no two consecutive samples in it share a key (as
+        ``encode_samples`` ensures); else ``raw_keys`` reads them in the headers.
         """
         if self._closed:
             raise ValueError("write to a closed TarWriter")
         n = len(data)
         if n & 511:
             raise ValueError(f"raw tar data of {n} bytes is not a whole number of 512-byte blocks")
+        if n:
+            first, last = keys if keys is not None else raw_keys(data)
+            if first is not None:
+                if first == self.last_key:
+                    raise _duplicate(first)
+                self.last_key = last
         self.samples += samples
         self.members += members
         if not n:
@@ -450,6 +471,71 @@ def _pax_record(key, value):
     return b"%d" % length + payload
 
 
+def _duplicate(key):
+    return DuplicateKeyError(
+        f"two consecutive output samples have the key {key!r}: readers (webdataset, tarproc) "
+        "would take them for one sample; give each its own key", key)
+
+
+def _member_keys(data):
+    """The key of each member in ``data``, tar members as ``TarWriter`` writes them (whole
+    blocks, no end-of-archive), from the headers alone."""
+    n = len(data)
+    pos = 0
+    pax = None
+    while pos < n:
+        header = bytes(data[pos : pos + 512])
+        size = _header_size(header, 0) if len(header) == 512 else None
+        if size is None:
+            raise ValueError(f"raw tar data: no member header at offset {pos}")
+        body = pos + 512
+        if header[156] == 0x78:  # "x": a pax header, for the next member
+            pax = _parse_pax(bytes(data[body : body + size]), "<raw>", pos)
+        else:
+            if pax is not None and "path" in pax:
+                name = pax["path"].decode("utf-8", "surrogateescape")
+            else:
+                name = _header_name(header, 0)
+            pax = None
+            dot = name.find(".", name.rfind("/") + 1)
+            yield name[:dot] if dot >= 0 else name
+        pos = body + size + (-size & 511)
+
+
+def first_key(data):
+    """The key of the first member in raw tar data (see ``raw_keys``); None if it holds none."""
+    return next(_member_keys(data), None)
+
+
+def raw_keys(data):
+    """``(first, last)``: the keys of the first and the last member in ``data``, tar members as
+    ``TarWriter`` writes them; ``(None, None)`` if it holds none. Reads every header, a few
+    microseconds a member: for raw data whose keys its writer did not pass on. (Two
+    consecutive samples with one key cannot be told from one sample here: the writer that
+    encoded them refuses those.)"""
+    first = last = None
+    for last in _member_keys(data):
+        if first is None:
+            first = last
+    return first, last
+
+
+def chain_keys(parts):
+    """``(first, last)`` keys of the raw tar data ``parts`` (see ``raw_keys``) written one after
+    the other; raises DuplicateKeyError if one part starts with the key another ends with."""
+    first = last = None
+    for part in parts:
+        a, b = raw_keys(part)
+        if a is None:
+            continue
+        if a == last:
+            raise _duplicate(a)
+        if first is None:
+            first = a
+        last = b
+    return first, last
+
+
 class _Collector:
     """A file object that keeps what is written, for ``encode_samples``."""
 
@@ -498,6 +584,7 @@ def encode_samples(samples, *, mtime=0):
         sink = _Collector()
         pair = _encoders[mtime] = (TarWriter(sink, mtime=mtime), sink)
     writer, sink = pair
+    writer.last_key = None
     try:
         for sample in samples:
             writer.write(sample)
