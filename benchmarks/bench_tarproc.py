@@ -248,7 +248,7 @@ class Table:
         print()
         print("targets:")
         for text, ok in self.verdicts:
-            mark = "PASS" if ok is True else ("MISS" if ok is False else "n/a ")
+            mark = {True: "PASS", False: "MISS", "info": "info"}.get(ok, "n/a ")
             print(f"  {mark}  {text}")
         for note in self.notes:
             print(f"note: {note}")
@@ -390,12 +390,17 @@ def section_convert(table, tmp, img, n, repeat):
     naive_scale = results[("naive", 1)].wall / results[("naive", 2)].wall
     table.verdict(f"(B) convert: tarproc -p 2 is {scale:.2f}x -p 1 (target >= 1.8x; "
                   f"the naive way scales {naive_scale:.2f}x on this machine)", scale >= 1.8)
+    # The target: "-p 2 at least 1.8x -p 1, and faster than both alternatives", the naive
+    # way being `xargs -P2`. At -p 1 the comparison is shown, not judged.
     for p in (1, 2):
         ours = results[("ours", p)].wall
         for alt, label in (("naive", "the naive Unix way"), ("old", "tarproc 0.0.6")):
             other = results[(alt, p)]
             if other is None:
                 table.verdict(f"(B) convert -p {p}: faster than {label}: not available", None)
+            elif p == 1:
+                table.verdict(f"(B) convert -p 1: {other.wall / ours:.2f}x the speed of {label} "
+                              "(shown; the target is for -p 2)", "info")
             else:
                 table.verdict(f"(B) convert -p {p}: {other.wall / ours:.2f}x the speed of {label} "
                               f"(target > 1x)", ours < other.wall)
