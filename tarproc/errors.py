@@ -24,6 +24,8 @@ class DuplicateKeyError(TarprocError, ValueError):
     (webdataset refuses it: "duplicate file name"); writers refuse it instead.
     """
 
+    retry = False  # the same samples give it again: a job does not retry the task
+
     def __init__(self, message, key=None, url=None):
         super().__init__(message)
         self.key = key

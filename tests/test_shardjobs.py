@@ -252,11 +252,13 @@ def test_workers_must_be_at_least_one(tool, tmp_path):
 
 def test_htmapper_refuses_two_outputs_of_one_key_in_a_row(data, dask_scheduler_address):
     """A mapper that returns a sample twice would make readers merge the two: each shard fails
-    naming its output and the key, and no output is written."""
+    naming its output and the key, at once (retrying cannot help), and no output is written."""
     (data / "twice.py").write_text("def process_sample(s):\n    return [s, dict(s)]\n")
-    proc = sh(f"htmapper -c {dask_scheduler_address} --retries 0 -p twice.py "
+    proc = sh(f"htmapper -c {dask_scheduler_address} -p twice.py --stats stats.json "
               "'data/imagenet_train-{0000..0001}.tgz' 'out/twice-@2.tar'", data, timeout=180)
     err = assert_one_line_error(proc, "htmapper")
+    stats = json.loads((data / "stats.json").read_text())
+    assert [item["attempts"] for item in stats["items"]] == [1, 1]  # the same data: no retry
     for i in range(2):
         key = samples_of(data / f"data/imagenet_train-{i:04d}.tgz")[0]["__key__"]
         assert f"out/twice-{i}.tar: two consecutive output samples have the key {key!r}" in err, err

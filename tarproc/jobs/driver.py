@@ -171,7 +171,8 @@ def _run_item(payload, item, job, dkey, reduce_payload):
             value = list(value)
     except (Exception, SystemExit) as exc:  # noqa: BLE001 - reported to the driver
         error, tb = _error_of(exc)
-        return {"ok": False, "error": error, "traceback": tb,
+        # An error that says so (DuplicateKeyError: the same data gives it again) is not retried.
+        return {"ok": False, "error": error, "traceback": tb, "fatal": getattr(exc, "retry", True) is False,
                 "worker": worker, "seconds": time.time() - started}
     return {"ok": True, "value": value, "worker": worker, "seconds": time.time() - started}
 
