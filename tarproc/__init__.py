@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 # public name -> module that defines it (imported on first use)
 _EXPORTS = {
     "TarprocError": "errors", "FormatError": "errors", "StorageError": "errors",
-    "PatternError": "errors", "SampleFailed": "errors",
+    "PatternError": "errors", "SampleFailed": "errors", "DuplicateKeyError": "errors",
     "expand": "shards", "expand_inputs": "shards",
     "iter_samples": "streams", "SampleWriter": "streams", "ShardWriter": "streams",
     "write_samples": "streams",

@@ -74,6 +74,10 @@ def test_writers_and_readers(tmp_path):
             sink.write(samples[0])
             raise RuntimeError("interrupted")
     assert not (tmp_path / "never.tar").exists()
+    with pytest.raises(tarproc.DuplicateKeyError) as e:  # readers would merge the two
+        tarproc.write_samples(str(tmp_path / "dup.tar"), [samples[0], dict(samples[0], txt=b"b")])
+    assert e.value.key == "s000" and isinstance(e.value, tarproc.TarprocError)
+    assert not (tmp_path / "dup.tar").exists()
 
 
 def test_callable_map_extract_and_caller_owned_client(imagenet_dir, tmp_path, dask_scheduler_address):
