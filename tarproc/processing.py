@@ -252,8 +252,9 @@ def process_stream(inputs, output=None, runner=None, *, processes=1, ordered=Tru
 def _process_chunks(inputs, sink, runner, processes, errors, read_options, emit, bar, result):
     """Run `runner` over the samples of `inputs` in chunks; write to `sink`, count in `result`."""
     write = sink.write if sink else _discard
-    with SamplePool(_ChunkRunner(runner, errors, read_options, bool(sink)), processes, parent_works=True,
-                    max_in_flight=CHUNKS_PER_PROCESS * processes, queue_depth=3) as pool:
+    with SamplePool(_ChunkRunner(runner, errors, read_options, bool(sink)), processes,
+                    parent_works=True, max_in_flight=CHUNKS_PER_PROCESS * processes,
+                    queue_depth=3) as pool:
         for url in shards.expand_inputs(inputs):
             with storage.open_read(url) as raw:
                 stream = tario.open_decompressed(raw, url)

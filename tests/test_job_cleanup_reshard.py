@@ -226,12 +226,17 @@ def test_htsort_stopped_mid_job_then_rerun(job, phase, sig, status):
         _, err = rerun.communicate(timeout=60)
     finally:
         _kill_tree(rerun)
-    assert rerun.returncode == 0, err.decode(errors="replace")
-    assert _temp_files(job) == []
-    _decoys_intact(job)
+    _rerun_left_nothing(rerun, err, job)
     assert _keys_and_texts(str(job / "out/o-{0..1}.tar")) == _expected()
     assert sorted(os.listdir(job / "out")) == sorted(OUT_DECOYS + [".o-1.tar.tmp-dir", "o-0.tar",
                                                                      "o-1.tar"])
+
+
+def _rerun_left_nothing(rerun, err, job):
+    """The rerun succeeded, no temp file of ours is left, and every look-alike decoy survived."""
+    assert rerun.returncode == 0, err.decode(errors="replace")
+    assert _temp_files(job) == []
+    _decoys_intact(job)
 
 
 def _wait_dead(pids, seconds=20):
@@ -335,9 +340,7 @@ def test_htupload_stopped_mid_shard_then_rerun(job, sig, status):
         _, err = rerun.communicate(timeout=60)
     finally:
         _kill_tree(rerun)
-    assert rerun.returncode == 0, err.decode(errors="replace")
-    assert _temp_files(job) == []
-    _decoys_intact(job)
+    _rerun_left_nothing(rerun, err, job)
     got = [(s["__key__"], s["txt"]) for s in iter_samples(str(job / "out/o-{0..1}.tar"))]
     assert got == [(f"k{i}", f"file {i}\n".encode()) for i in range(6)]
     manifest = json.loads((job / "out/manifest.json").read_text())

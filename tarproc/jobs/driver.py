@@ -172,7 +172,8 @@ def _run_item(payload, item, job, dkey, reduce_payload):
     except (Exception, SystemExit) as exc:  # noqa: BLE001 - reported to the driver
         error, tb = _error_of(exc)
         # An error that says so (DuplicateKeyError: the same data gives it again) is not retried.
-        return {"ok": False, "error": error, "traceback": tb, "fatal": getattr(exc, "retry", True) is False,
+        fatal = getattr(exc, "retry", True) is False
+        return {"ok": False, "error": error, "traceback": tb, "fatal": fatal,
                 "worker": worker, "seconds": time.time() - started}
     return {"ok": True, "value": value, "worker": worker, "seconds": time.time() - started}
 

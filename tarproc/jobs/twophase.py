@@ -298,7 +298,8 @@ def reduce_task(plan, p):
                 exc = sink.named(exc)
                 raise DuplicateKeyError(
                     f"{exc} (the inputs hold it more than once, and sorted, those samples are side "
-                    "by side; --reduce FILE.py merges the samples of each key)", exc.key, exc.url) from None
+                    "by side; --reduce FILE.py merges the samples of each key)",
+                    exc.key, exc.url) from None
             raise sink.named(exc) from None
     return {"samples_in": counter.count, "bytes_in": counter.nbytes,
             "samples_out": sink.count, "bytes_out": sink.nbytes}
