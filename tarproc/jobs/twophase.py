@@ -294,13 +294,13 @@ def reduce_task(plan, p):
                 sample.pop("__part__", None)
                 sink.write(sample)
         except DuplicateKeyError as exc:
+            exc = sink.named(exc)  # (one from keys_apart does not name the output yet)
             if plan.mode == "sort" and plan.reducer is None and ordering.field is None:
-                exc = sink.named(exc)
                 raise DuplicateKeyError(
                     f"{exc} (the inputs hold it more than once, and sorted, those samples are side "
                     "by side; --reduce FILE.py merges the samples of each key)",
                     exc.key, exc.url) from None
-            raise sink.named(exc) from None
+            raise exc from None
     return {"samples_in": counter.count, "bytes_in": counter.nbytes,
             "samples_out": sink.count, "bytes_out": sink.nbytes}
 

@@ -20,7 +20,7 @@ from operator import is_
 from tarproc.errors import DuplicateKeyError, UnsafeNameError
 
 from .compress import make_compressor
-from .names import unsafe_reason
+from .names import split_name, unsafe_reason
 from .reader import _header_name, _header_size, _last_plain, _last_read, _parse_pax
 
 __all__ = ["TarWriter", "encode_samples", "first_key", "raw_keys", "chain_keys"]
@@ -497,8 +497,8 @@ def _member_keys(data):
             else:
                 name = _header_name(header, 0)
             pax = None
-            dot = name.find(".", name.rfind("/") + 1)
-            yield name[:dot] if dot >= 0 else name
+            key = split_name(name)[0]  # as readers group members into samples
+            yield name if key is None else key
         pos = body + size + (-size & 511)
 
 
