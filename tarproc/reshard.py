@@ -38,7 +38,6 @@ import re
 import shutil
 import struct
 import tempfile
-import types
 
 from .errors import DuplicateKeyError, TarprocError
 
@@ -539,21 +538,9 @@ class ExternalSorter:
 
 def load_script(source, filename="<script>"):
     """Run a script's source in a fresh module and return the module (its functions by name)."""
-    from .runner.pyscript import ScriptError
+    from .runner.pyscript import load_module
 
-    if isinstance(source, bytes):
-        source = source.decode("utf-8")
-    try:
-        code = compile(source, filename, "exec")
-    except SyntaxError as exc:
-        raise ScriptError(f"{filename}: syntax error at line {exc.lineno}: {exc.msg}") from None
-    module = types.ModuleType("__tarproc_script__")
-    module.__file__ = filename
-    try:
-        exec(code, module.__dict__)
-    except Exception as exc:
-        raise ScriptError(f"{filename}: {type(exc).__name__} while loading: {exc}") from None
-    return module
+    return load_module(source, filename)
 
 
 def _as_result(result):

@@ -356,8 +356,17 @@ def test_result_summary_and_json():
                   seconds=3.21)
     assert r.ok
     assert r.summary() == ("8 shards: 8 done, 0 skipped, 0 failed; 80000 samples in, "
-                           "2.5 MB out in 3.2 s")
+                           "2.5 MB written in 3.2 s")
     assert json.loads(r.to_json())["done"] == 8
+    # samples failing under --errors skip/keep are counted in the line; bytes say what they count
+    r = JobResult(desc="shards", total=4, done=4, totals={
+        "samples_in": 40, "samples_out": 36, "skipped": 4, "kept": 0, "bytes_in": 187_000,
+        "bytes_out": 270_300}, seconds=1.24)
+    assert r.summary() == ("4 shards: 4 done, 0 skipped, 0 failed; 40 samples in, 36 samples out, "
+                           "4 failing samples dropped, 187.0 kB of sample data read, "
+                           "270.3 kB written in 1.2 s")
+    r.totals.update(skipped=0, kept=3)
+    assert "36 samples out, 3 failing samples kept, 187.0 kB" in r.summary()
 
 
 def _scheduler_tasks(dask_scheduler):

@@ -91,6 +91,20 @@ def test_pattern_lengths_must_match_before_any_work(data):
     assert not (data / "out").exists()
 
 
+@pytest.mark.parametrize("script, message", [
+    ("def process_sample(s)\n  return s\n", "bad.py: syntax error at line 1: expected ':'"),
+    ("x = 1\n", "bad.py: does not define process_sample(sample)"),
+    ("import no_such_module_here\n", "bad.py, line 1: ModuleNotFoundError while loading: "
+                                      "No module named 'no_such_module_here'"),
+])
+def test_htmapper_broken_script_is_one_error_before_any_work(data, script, message):
+    (data / "bad.py").write_text(script)
+    proc = sh("htmapper -j 2 -p bad.py 'data/imagenet_train-@0008.tgz' 'out/x-@8.tar'", data, timeout=60)
+    err = assert_one_line_error(proc, "htmapper")
+    assert err.strip() == f"htmapper: error: {message}"  # no local cluster started, no task, no retry
+    assert not (data / "out").exists()
+
+
 def test_seed_htextract_text(data, dask_scheduler_address):
     proc = sh(f"htextract -c {dask_scheduler_address} data/uw3-lines.tgz -f text", data, check=True)
     want = [s["text"].decode() for s in samples_of(data / "data/uw3-lines.tgz")]
@@ -127,6 +141,42 @@ def test_htextract_escapes_tabs_and_newlines(workdir):
     write_samples("t.tar", [{"__key__": "a", "txt": b"one\ttwo\nthree\\"}])
     proc = sh("htextract -q -j 1 t.tar -f txt", workdir, check=True)
     assert proc.stdout == b"one\\ttwo\\nthree\\\\\n"
+
+
+def test_htextract_counts_and_field_names_escaped_like_cells_and_as_json(workdir):
+    from tarproc import write_samples
+    write_samples("t.tar", [{"__key__": "a", "txt": b"one\ttwo\nthree\\"},
+                            {"__key__": "b", "txt": b"\xff\xfebin"}, {"__key__": "c", "txt": b"\xff\xfebin"}])
+    cells = sh("htextract -q -j 1 t.tar -f txt", workdir, check=True).stdout.decode().splitlines()
+    assert cells == ["one\\ttwo\\nthree\\\\", "\\\\xff\\\\xfebin", "\\\\xff\\\\xfebin"]
+    rows = sh("htextract -q -j 1 t.tar --counts txt", workdir, check=True).stdout.decode().splitlines()
+    assert rows == [f"2\t{cells[1]}", f"1\t{cells[0]}"]  # one line per value, escaped as -f escapes
+    rows = sh("htextract -q -j 1 t.tar --counts txt --json", workdir, check=True).stdout.decode().splitlines()
+    assert [json.loads(r) for r in rows] == [{"value": "\\xff\\xfebin", "count": 2},
+                                             {"value": "one\ttwo\nthree\\", "count": 1}]
+    rows = sh("htextract -q -j 1 t.tar -K --json --count 1", workdir, check=True).stdout.decode().splitlines()
+    assert [json.loads(r) for r in rows] == [{"field": "__key__", "count": 3}]
+    proc = sh("htextract -q -j 1 t.tar -K --count -1", workdir)
+    assert proc.returncode == 2 and b"--count: must not be negative" in proc.stderr
+
+
+def test_htextract_output_file_appears_only_when_every_shard_succeeded(workdir):
+    from tarproc import write_samples
+    write_samples("in-0.tar", [{"__key__": f"k{i}", "txt": b"x"} for i in range(3)])
+    (workdir / "in-1.tar").write_bytes(b"garbage")
+    (workdir / "old.txt").write_text("important\n")
+    for args in ("-f __key__", "--counts txt", "-K"):
+        proc = sh(f"htextract -q -j 2 'in-@2.tar' {args} -o old.txt", workdir)
+        assert proc.returncode == 1 and "in-1.tar" in proc.stderr.decode()
+        assert "nothing written to old.txt" in proc.stderr.decode()
+        assert (workdir / "old.txt").read_text() == "important\n"  # neither emptied nor partial
+        proc = sh(f"htextract -q -j 1 'nomatch-*.tar' {args} -o old.txt", workdir)
+        assert_one_line_error(proc, "htextract")
+        assert (workdir / "old.txt").read_text() == "important\n"
+    assert sorted(p.name for p in workdir.iterdir()) == ["in-0.tar", "in-1.tar", "old.txt"]
+    os.remove(workdir / "in-1.tar")
+    sh("htextract -q -j 2 'in-{0..0}.tar' -f __key__ -o old.txt", workdir, check=True)
+    assert (workdir / "old.txt").read_text() == "k0\nk1\nk2\n"
 
 
 def test_seed_htls(data):

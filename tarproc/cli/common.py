@@ -152,15 +152,25 @@ def add_cluster_options(parser):
                         help="worker processes of the local cluster (default: one per core)")
 
 
-def _at_least_one(text):
-    """argparse type of a count of workers: a whole number, 1 or more."""
+def _whole_number(text, minimum):
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(
+            f"must be at least {minimum}, not {value}" if minimum else f"must not be negative, not {value}")
     return value
+
+
+def _at_least_one(text):
+    """argparse type of a count of workers: a whole number, 1 or more."""
+    return _whole_number(text, 1)
+
+
+def at_least_zero(text):
+    """argparse type of a count that may be zero (retries, lines): a whole number, 0 or more."""
+    return _whole_number(text, 0)
 
 
 def positive_seconds(text):
@@ -177,7 +187,7 @@ def positive_seconds(text):
 def add_job_options(parser):
     """Options every shard job shares: retries, resume, progress, logs and statistics."""
     add_cluster_options(parser)
-    parser.add_argument("--retries", type=int, default=2, help="retries of a failed shard (default 2)")
+    parser.add_argument("--retries", type=at_least_zero, default=2, help="retries of a failed shard (default 2)")
     parser.add_argument("--force", action="store_true", help="redo shards whose output already exists")
     parser.add_argument("--no-speculation", action="store_true",
                         help="never start speculative copies of straggling shards")

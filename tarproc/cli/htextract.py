@@ -8,7 +8,7 @@
 import argparse
 import sys
 
-from .common import add_job_options, job_kwargs, report_job, run_main
+from .common import add_job_options, at_least_zero, job_kwargs, report_job, run_main
 
 PROG = "htextract"
 
@@ -22,9 +22,11 @@ def build_parser():
     p.add_argument("inputs", help="shard pattern")
     p.add_argument("-f", "--field", action="append", default=[], metavar="FIELD",
                    help="field to print (repeatable; __key__ allowed)")
-    p.add_argument("--json", action="store_true", help="JSON lines instead of tab-separated")
-    p.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
-    p.add_argument("--count", type=int, metavar="N", help="at most N lines")
+    p.add_argument("--json", action="store_true",
+                   help='JSON lines instead of tab-separated (--counts/-K: {"value"|"field": ..., "count": N})')
+    p.add_argument("-o", "--output", metavar="URL",
+                   help="write here instead of stdout (any storage URL; written only if every shard succeeds)")
+    p.add_argument("--count", type=at_least_zero, metavar="N", help="at most N lines")
     p.add_argument("--counts", metavar="FIELD", help="how many samples have each value of FIELD, most frequent first")
     p.add_argument("-K", "--keys", action="store_true", help="field names present and how many samples have each")
     p.add_argument("--strict", action="store_true", help="a sample split in two places is an error")
@@ -32,16 +34,42 @@ def build_parser():
     return p
 
 
+class _TextSink:
+    """Text lines to a storage writer, encoded as UTF-8 and written in large pieces."""
+
+    def __init__(self, writer, limit=1 << 16):
+        self.writer, self.limit = writer, limit
+        self.parts, self.size = [], 0
+
+    def write(self, text):
+        self.parts.append(text)
+        self.size += len(text)
+        if self.size >= self.limit:
+            self.flush()
+
+    def flush(self):
+        if self.parts:
+            self.writer.write("".join(self.parts).encode("utf-8"))
+            self.parts, self.size = [], 0
+
+
 def main_body(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     from ..errors import TarprocError
-    from ..jobs.shardmap import count_values, extract
+    from ..jobs.shardmap import count_lines, count_values, extract
 
     modes = bool(args.field) + bool(args.counts) + bool(args.keys)
     if modes != 1:
         raise TarprocError("give -f FIELD (repeatable), or --counts FIELD, or -K")
-    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    writer = None
+    out = sys.stdout
+    if args.output:
+        from .. import storage
+
+        # -o appears only once the whole job has succeeded: never partial, never emptied by a failure
+        writer = storage.open_write(args.output)
+        out = _TextSink(writer)
     try:
         if args.field:
             result = extract(args.inputs, args.field, as_json=args.json, count=args.count, out=out,
@@ -49,12 +77,22 @@ def main_body(argv=None):
         else:
             counts, result = count_values(args.inputs, None if args.keys else args.counts,
                                           strict=args.strict, check=False, **job_kwargs(args))
-            for value, n in counts[: args.count]:
-                out.write(f"{n}\t{value}\n")
-    finally:
-        if args.output:
-            out.close()
-    return report_job(PROG, args, result)
+            for line in count_lines(counts[: args.count], args.json, "field" if args.keys else "value"):
+                out.write(line + "\n")
+        if writer is not None:
+            if result.ok:
+                out.flush()
+                writer.commit()
+            else:
+                writer.abort()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    status = report_job(PROG, args, result)
+    if writer is not None and not result.ok:
+        print(f"{PROG}: nothing written to {writer.name}", file=sys.stderr)
+    return status
 
 
 def main(argv=None):

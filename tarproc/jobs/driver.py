@@ -286,14 +286,19 @@ class JobResult:
         return not self.failed
 
     def summary(self) -> str:
-        """One line: ``8 shards: 8 done, 0 skipped, 0 failed; 80000 samples in, ... in 3.2 s``."""
+        """One line: ``8 shards: 8 done, 0 skipped, 0 failed; 80000 samples in, ... 2.5 MB written in 3.2 s``."""
         line = (f"{self.total} {self.desc}: {self.done} done, {self.skipped} skipped, "
                 f"{len(self.failed)} failed")
         parts = []
         for name, label in (("samples_in", "samples in"), ("samples_out", "samples out")):
             if name in self.totals:
                 parts.append(f"{int(self.totals[name])} {label}")
-        for name, label in (("bytes_in", "in"), ("bytes_out", "out")):
+        # samples whose processing failed under --errors skip / keep: never left unsaid
+        for name, label in (("skipped", "failing samples dropped"), ("kept", "failing samples kept")):
+            if self.totals.get(name):
+                parts.append(f"{int(self.totals[name])} {label}")
+        # bytes_in counts the samples' field data, bytes_out the shards as stored (compressed)
+        for name, label in (("bytes_in", "of sample data read"), ("bytes_out", "written")):
             if name in self.totals:
                 parts.append(f"{_human_bytes(self.totals[name])} {label}")
         if self.speculated:

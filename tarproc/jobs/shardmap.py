@@ -198,6 +198,9 @@ def map_shards(inputs, outputs, process_sample=None, *, command=None, errors="ab
     if overlap:
         raise PatternError(f"{sorted(overlap)[0]}: a shard is both input and output")
     runner = make_runner(process_sample, command, **(shell_options or {}))
+    load = getattr(runner, "load", None)
+    if load is not None:
+        load()  # a broken script fails here, once, not in every task and each of its retries
     task = MapShard(runner, errors=errors, strict=strict)
     # temp files of our outputs that an interrupted or killed run left go first, and those of
     # this run (stopped workers, cancelled tasks) at the end, however the job ends
@@ -223,6 +226,16 @@ def escape_value(value):
     if isinstance(value, bytes):
         value = value.decode("utf-8", "backslashreplace")
     return value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def count_lines(counts, as_json=False, name="value"):
+    """The lines `htextract --counts` / `-K` print: ``N<TAB>value`` escaped as `escape_value`
+    escapes cells, or JSON objects ``{name: value, "count": N}``."""
+    import json
+
+    if as_json:
+        return [json.dumps({name: value, "count": n}, ensure_ascii=False) for value, n in counts]
+    return [f"{n}\t{escape_value(value)}" for value, n in counts]
 
 
 class ExtractShard:

@@ -27,18 +27,19 @@ import types
 from tarproc.errors import SampleFailed, TarprocError, UnsafeNameError
 from tarproc.runner.sampledir import SampleResult, check_ext, check_key
 
-__all__ = ["load_process_sample", "normalize_result", "PythonRunner", "ScriptError"]
+__all__ = ["load_module", "load_process_sample", "normalize_result", "PythonRunner", "ScriptError"]
 
 
 class ScriptError(TarprocError):
     """A Python script cannot be used: syntax error, error at import, no process_sample."""
 
 
-def load_process_sample(source, filename="<script>"):
-    """Execute ``source`` in a fresh module namespace and return its ``process_sample``.
+def load_module(source, filename="<script>"):
+    """Run a script's ``source`` in a fresh module namespace and return the module.
 
-    Raises ScriptError naming ``filename`` for a syntax error, an exception while the module body
-    runs, or a missing or non-callable ``process_sample``.
+    Raises a one-line ScriptError naming ``filename`` (and the script's line) for a syntax error
+    or an exception while the module body runs. Shared by ``tarproc -P``, ``htmapper -p`` and
+    the reshard jobs' mappers and reducers.
     """
     if isinstance(source, bytes):
         source = source.decode("utf-8")
@@ -53,11 +54,30 @@ def load_process_sample(source, filename="<script>"):
     try:
         exec(code, module.__dict__)
     except Exception as exc:
-        tail = _traceback_tail(exc)
         raise ScriptError(
-            f"{filename}: {type(exc).__name__} while loading: {exc}\n{tail}".rstrip()
+            f"{filename}{_script_line(exc, filename)}: {type(exc).__name__} while loading: {exc}"
         ) from None
-    fn = module.__dict__.get("process_sample")
+    return module
+
+
+def _script_line(exc, filename):
+    """``", line N"``: the script's last line in ``exc``'s traceback (empty if none)."""
+    line = ""
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == filename:
+            line = f", line {tb.tb_lineno}"
+        tb = tb.tb_next
+    return line
+
+
+def load_process_sample(source, filename="<script>"):
+    """Execute ``source`` in a fresh module namespace and return its ``process_sample``.
+
+    Raises ScriptError naming ``filename`` for a syntax error, an exception while the module body
+    runs, or a missing or non-callable ``process_sample``.
+    """
+    fn = load_module(source, filename).__dict__.get("process_sample")
     if fn is None:
         raise ScriptError(f"{filename}: does not define process_sample(sample)")
     if not callable(fn):
