@@ -551,6 +551,31 @@ def test_dir_read_back_without_listing_only_while_its_entries_are_ours(base, mon
     assert leftovers(base) == []
 
 
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_file_copied_over_another_with_its_times_is_read_back(base, processes):
+    """`cp -p` and `touch -r` give a file another's mtime: no file the command wrote (or the
+    key) may then pass for one left untouched, whichever of ours its times came from."""
+    from tarproc.runner import process_samples
+
+    cmds = {  # command by index % 5, and the fields and key it leaves
+        0: ("cp -p sample.a sample.b", {"a": b"AAAA", "b": b"AAAA"}),
+        1: ("printf AAAA > sample.b; touch -r sample.a sample.b", {"a": b"AAAA", "b": b"AAAA"}),
+        2: ("printf AAAA > sample.b; touch -r . sample.b", {"a": b"AAAA", "b": b"AAAA"}),
+        3: ("printf AAAA > sample.b; touch -r __key__ sample.b", {"a": b"AAAA", "b": b"AAAA"}),
+        4: ("printf kkkk > __key__; touch -r sample.a __key__", {"a": b"AAAA", "b": b"BBBB"}),
+    }
+    script = "case $((TARPROC_INDEX % 5)) in " + " ".join(
+        f"{i}) {c};;" for i, (c, _) in cmds.items()) + " esac"
+    r = ShellRunner(script, tmpdir=str(base))
+    inputs = [{"__key__": f"k{i}", "a": b"AAAA", "b": b"BBBB"} for i in range(15)]
+    for o in process_samples(r, inputs, processes=processes):
+        fields = cmds[o.index % 5][1]
+        key = "kkkk" if o.index % 5 == 4 else f"k{o.index}"
+        assert o.outputs == [{"__key__": key, **fields}], cmds[o.index % 5][0]
+    r.close()
+    assert leftovers(base) == []
+
+
 def _utime_files_only(utime):
     """os.utime that leaves directories' times alone (so the sample dir is never marked)."""
     import stat as stat_mod

@@ -679,7 +679,11 @@ class ShellRunner:
             # A write always sets the mtime to the present, so marking ours one second in the
             # past tells them apart (with the inode and the size) on a coarse clock too. The
             # key is marked even when nothing is collected: it is read back only if changed.
-            mark = job.mark = time.time_ns() - 1_000_000_000
+            # The dir, the key and each file get marks of their own, 1 us apart: a command
+            # that copies one file over another with its times (`cp -p`, `touch -r`) leaves
+            # the target with the other's mark, which does not pass for unchanged.
+            mark = job.mark = (time.time_ns() // 1000) * 1000 - 1_000_000_000
+            file_mark = job.key_mark = mark - 1000
             collect = self.collect
             written = job.written = {} if collect else None
             keyb = job.key_bytes = key.encode("utf-8")
@@ -690,7 +694,7 @@ class ShellRunner:
                 if kept is not None:
                     fd = kept[0]
                     try:
-                        ino = _refill(fd, data, mark if marked else None, mode, uid)
+                        ino = _refill(fd, data, file_mark if marked else None, mode, uid)
                     except BaseException:
                         local.close_file(fd)
                         raise
@@ -700,12 +704,13 @@ class ShellRunner:
                     else:
                         files_now[name] = kept
                 if ino is None:
-                    ino = local.create_file(ws, name, data, mark if marked else None)
+                    ino = local.create_file(ws, name, data, file_mark if marked else None)
                 if marked:
                     if name == "__key__":
                         job.key_ino = ino
                     else:
-                        written[ino] = data
+                        written[ino] = (data, file_mark)
+                    file_mark -= 1000
             job.names_in = files_now
             if old:  # files of the previous sample that this one does not have
                 while old:
@@ -825,8 +830,8 @@ class ShellRunner:
     def _collect(self, job):
         """Read the output samples back from the job's dir (and its subdirs).
 
-        ``job.written`` maps the inodes of the files written for the command to their bytes,
-        ``job.mark`` is the mtime they were given: a file still matching is not read again.
+        ``job.written`` maps the inodes of the files written for the command to their bytes
+        and the mtime each was given: a file still matching is not read again.
         Sets ``job.seen`` to the entries of the dir, for :meth:`recycle`.
         """
         in_key = job.key
@@ -875,7 +880,6 @@ class ShellRunner:
         plen = len(prefix)
         collect = self.collect
         written = job.written
-        mark = job.mark
         plain, other = [], []
         fields = {}
         subdirs = []
@@ -896,11 +900,10 @@ class ShellRunner:
                         data = None
                         if written and regular:
                             st = entry.stat(follow_symlinks=False)
-                            data = written.get(st.st_ino)
-                            if data is not None and (
-                                st.st_mtime_ns != mark or st.st_size != len(data)
-                            ):
-                                data = None
+                            was = written.get(st.st_ino)
+                            if (was is not None and st.st_mtime_ns == was[1]
+                                    and st.st_size == len(was[0])):
+                                data = was[0]
                         fields[name[plen:]] = _read_file(name, dfd) if data is None else data
                 elif name == "__key__":
                     key_entry = entry
@@ -930,7 +933,6 @@ class ShellRunner:
         plen = len(prefix)
         collect = self.collect
         written = job.written
-        mark = job.mark
         plain = []
         fields = {}
         for name, (_, ino) in job.names_in.items():
@@ -939,11 +941,12 @@ class ShellRunner:
                 if not collect:
                     fields[name[plen:]] = None
                     continue
-                data = written.get(ino) if written else None
-                if data is not None:
+                was = written.get(ino) if written else None
+                data = None
+                if was is not None:
                     st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-                    if st.st_ino != ino or st.st_mtime_ns != mark or st.st_size != len(data):
-                        data = None
+                    if st.st_ino == ino and st.st_mtime_ns == was[1] and st.st_size == len(was[0]):
+                        data = was[0]
                 fields[name[plen:]] = _read_file(name, dfd) if data is None else data
         job.seen = (plain, [])
         if not fields:
@@ -958,7 +961,7 @@ class ShellRunner:
     @staticmethod
     def _key_as_written(st, job):
         """The input key if ``st`` is the ``__key__`` file as prepare wrote it, else None."""
-        if (st.st_ino == job.key_ino and st.st_mtime_ns == job.mark
+        if (st.st_ino == job.key_ino and st.st_mtime_ns == job.key_mark
                 and st.st_size == len(job.key_bytes)):
             return job.key
         return None
@@ -1007,7 +1010,7 @@ class _Job:
     """One sample between :meth:`ShellRunner.prepare` and :meth:`ShellRunner.cleanup`."""
 
     __slots__ = ("sample", "key", "index", "source", "workdir", "local", "ws", "written", "mark",
-                 "key_ino", "key_bytes", "names_in", "seen", "pid", "proc", "status", "group",
+                 "key_mark", "key_ino", "key_bytes", "names_in", "seen", "pid", "proc", "status", "group",
                  "drained", "stdout", "stderr", "dir_marked")
 
     def __init__(self, sample, key, index, source, local, ws):
@@ -1020,6 +1023,7 @@ class _Job:
         self.workdir = None
         self.written = None
         self.mark = None
+        self.key_mark = None
         self.key_ino = None
         self.key_bytes = None
         self.names_in = None
