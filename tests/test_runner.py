@@ -576,6 +576,26 @@ def test_a_file_copied_over_another_with_its_times_is_read_back(base, processes)
     assert leftovers(base) == []
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("cmd, message", [
+    ("ln -sf /dev/zero __key__", "__key__ as something other than a regular file"),
+    ("rm __key__; mkfifo __key__", "__key__ as something other than a regular file"),
+    ("rm __key__; mkdir __key__", "__key__ as something other than a regular file"),
+    ("head -c 70000 /dev/zero | tr '\\0' k > __key__", "__key__ written by the command is over 65536 bytes"),
+])
+def test_key_that_cannot_be_read_back_fails_the_sample(base, cmd, message):
+    """What the command leaves as __key__ is read back only as a regular file, and only up to a
+    size: never a read that blocks on a FIFO or never ends on /dev/zero."""
+    r = ShellRunner(cmd, tmpdir=str(base))
+    t0 = time.monotonic()
+    with pytest.raises(SampleFailed) as info:
+        r.run(sample())
+    assert time.monotonic() - t0 < 10
+    assert message in str(info.value) and info.value.status == "badfile"
+    r.close()
+    assert leftovers(base) == []
+
+
 def _utime_files_only(utime):
     """os.utime that leaves directories' times alone (so the sample dir is never marked)."""
     import stat as stat_mod

@@ -178,6 +178,7 @@ _SAFE_EXTS = set()
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
 _OLD_FILE = os.O_WRONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
 _SUBDIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+_READ_BACK = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 #: Descriptors of the roots this process made, each holding a shared ``flock`` on its root while
@@ -402,18 +403,44 @@ def _refill(fd, data, mtime_ns, mode, uid):
     return st.st_ino
 
 
-def _read_file(name, dir_fd=None):
-    fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+#: The most bytes of ``__key__`` read back: a key is a tar member name, never this long.
+MAX_KEY_BYTES = 65536
+
+
+def _read_file(name, dir_fd=None, key=None, limit=None):
+    """The bytes of a file the command left in its dir (a symlink is followed).
+
+    What it finally names must be a regular file: a FIFO, a device (``ln -s /dev/zero``) or a
+    dir is a SampleFailed for sample ``key`` rather than a read that blocks or never ends. With
+    ``limit``, a longer file is one too.
+    """
     try:
-        size = os.fstat(fd).st_size
+        fd = os.open(name, _READ_BACK, dir_fd=dir_fd)  # non-blocking: a FIFO must not hang us
+    except OSError as exc:
+        raise SampleFailed(f"sample {key!r}: cannot read {name} back: {exc.strerror}",
+                           key=key, status="badfile") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise SampleFailed(f"sample {key!r}: the command left {name} as something other than a "
+                               "regular file (or a link to one)", key=key, status="badfile")
+        size = st.st_size
+        if limit is not None and size > limit:
+            raise SampleFailed(f"sample {key!r}: {name} written by the command is over {limit} bytes",
+                               key=key, status="badfile")
         data = os.read(fd, size + 1) if size else b""
         if len(data) <= size:  # short read or a file still growing: read to EOF
             chunks = [data]
+            total = len(data)
             while True:
                 chunk = os.read(fd, 1 << 20)
                 if not chunk:
                     break
                 chunks.append(chunk)
+                total += len(chunk)
+                if limit is not None and total > limit:
+                    raise SampleFailed(f"sample {key!r}: {name} written by the command is over "
+                                       f"{limit} bytes", key=key, status="badfile")
             data = b"".join(chunks)
         return data
     finally:
@@ -904,7 +931,8 @@ class ShellRunner:
                             if (was is not None and st.st_mtime_ns == was[1]
                                     and st.st_size == len(was[0])):
                                 data = was[0]
-                        fields[name[plen:]] = _read_file(name, dfd) if data is None else data
+                        fields[name[plen:]] = (_read_file(name, dfd, job.key) if data is None
+                                               else data)
                 elif name == "__key__":
                     key_entry = entry
                 elif want_subdirs and not regular and entry.is_dir(follow_symlinks=False):
@@ -947,7 +975,7 @@ class ShellRunner:
                     st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
                     if st.st_ino == ino and st.st_mtime_ns == was[1] and st.st_size == len(was[0]):
                         data = was[0]
-                fields[name[plen:]] = _read_file(name, dfd) if data is None else data
+                fields[name[plen:]] = _read_file(name, dfd, job.key) if data is None else data
         job.seen = (plain, [])
         if not fields:
             return None
@@ -970,7 +998,7 @@ class ShellRunner:
     def _read_key(dfd, default_key, job):
         """The key the command wrote to ``__key__`` in ``dfd``, checked."""
         try:
-            key = _read_file("__key__", dfd).decode("utf-8").rstrip("\r\n")
+            key = _read_file("__key__", dfd, job.key, MAX_KEY_BYTES).decode("utf-8").rstrip("\r\n")
         except UnicodeDecodeError:
             raise SampleFailed(
                 f"sample {default_key!r}: __key__ written by the command is not UTF-8",
