@@ -260,6 +260,41 @@ def test_interrupted_job_resumes_from_map_outputs(data, tmp_path, cluster):
     assert fresh.ok
 
 
+def test_interrupted_reduce_resumes_with_the_outputs_it_committed(data, tmp_path, cluster):
+    """A reduce task fails (its output path is taken by a directory): the rerun keeps the
+    shards the first run committed and writes only the missing one. After success, an output
+    that exists without this job's record of writing it is rewritten, never patched in."""
+    out = tmp_path / "out"
+    (out / "s-2.tgz").mkdir(parents=True)
+    work = tmp_path / "work"
+    args = (str(data / "data/Volume_@16.tgz"), str(out / "s-@6.tgz"))
+    kw = dict(seed=1, cluster=cluster, workdir=str(work), retries=0, progress=False)
+    r1 = shuffle(*args, **kw)
+    assert not r1.ok and [k for k, _ in r1.failed] == [str(out / "s-2.tgz")]
+    assert r1.phases["reduce"].done == 5
+    first = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()}
+    assert len(first) == 5
+    (out / "s-2.tgz").rmdir()
+    r2 = shuffle(*args, **kw)
+    assert r2.ok, r2.failed
+    assert r2.phases["map"].skipped == 16 and r2.phases["reduce"].skipped == 5
+    assert r2.phases["reduce"].done == 1 and r2.rewritten == 0
+    assert {n: (out / n).stat().st_mtime_ns for n in first} == first  # not written again
+    assert not work.exists()
+    fresh = shuffle(args[0], str(tmp_path / "fresh/s-@6.tgz"), seed=1, cluster=cluster, progress=False)
+    assert fresh.ok
+    assert file_bytes(sorted(out.iterdir())) == file_bytes(sorted((tmp_path / "fresh").iterdir()))
+    # the work files are gone now: with one output removed, all are rewritten (same bytes)
+    (out / "s-4.tgz").unlink()
+    r3 = shuffle(*args, **kw)
+    assert r3.ok and r3.phases["reduce"].done == 6 and r3.rewritten == 5
+    assert "5 output shard(s) that existed rewritten" in r3.summary()
+    assert file_bytes(sorted(out.iterdir())) == file_bytes(sorted((tmp_path / "fresh").iterdir()))
+    # all present: nothing to do
+    r4 = shuffle(*args, **kw)
+    assert r4.skipped and "nothing to do" in r4.summary()
+
+
 def test_corrupt_input_reported_nothing_written(data, tmp_path):
     src = tmp_path / "in"
     src.mkdir()

@@ -179,6 +179,19 @@ def test_htextract_output_file_appears_only_when_every_shard_succeeded(workdir):
     assert (workdir / "old.txt").read_text() == "k0\nk1\nk2\n"
 
 
+def test_rerun_takes_neither_an_empty_file_nor_a_directory_for_a_finished_shard(data):
+    (data / "out").mkdir()
+    (data / "out/x-1.tar").write_bytes(b"")  # e.g. `touch`ed, or left by another tool
+    (data / "out/x-2.tar").mkdir()
+    proc = sh("htmapper -j 2 --retries 0 -p script.py 'data/Volume_@04.tgz' 'out/x-@4.tar'", data, timeout=120)
+    err = proc.stderr.decode()
+    assert proc.returncode == 1 and "skipped" not in err.split("failed:")[0], err
+    assert "failed: " in err and "x-2.tar: is a directory" in err
+    assert len(samples_of(data / "out/x-1.tar")) == 8  # rewritten, not skipped
+    proc = sh("htls -l 'out/x-@4.tar'", data)
+    assert proc.returncode == 1 and "missing: out/x-2.tar" in proc.stdout.decode()
+
+
 def test_seed_htls(data):
     os.remove(data / "data/imagenet_train-0005.tgz")
     proc = sh("htls 'data/imagenet_train-@0008.tgz'", data)

@@ -417,6 +417,26 @@ def test_flaky_put_failure_leaves_no_object(flaky_http_server, payload, failure)
 # s3 (moto) and gs (emulator)
 
 
+def test_committed_is_a_non_empty_file_or_object(tmp_path, nginx_server, s3_server, gcs_server):
+    """What a rerun takes for a finished shard: not a directory, not an empty file."""
+    (tmp_path / "dir.tar").mkdir()
+    (tmp_path / "empty.tar").write_bytes(b"")
+    (tmp_path / "full.tar").write_bytes(b"x" * 1024)
+    for name, want in (("dir.tar", False), ("empty.tar", False), ("full.tar", True), ("none.tar", False)):
+        assert storage.committed(str(tmp_path / name)) is want, name
+        assert storage.committed(f"file://{tmp_path / name}") is want, name
+    assert storage.committed(str(tmp_path / "full.tar" / "below.tar")) is False
+    for base in (nginx_server.url, s3_server.url, gcs_server.url):
+        for name, data in (("empty.tar", b""), ("full.tar", b"x" * 1024)):
+            with storage.open_write(f"{base}/c/{name}") as w:
+                w.write(data)
+        assert storage.committed(f"{base}/c/full.tar") is True, base
+        assert storage.committed(f"{base}/c/empty.tar") is False, base
+        assert storage.committed(f"{base}/c/none.tar") is False, base
+    with pytest.raises(StorageError, match="not supported for a stream"):
+        storage.committed("-")
+
+
 @pytest.fixture(params=["s3", "gs"])
 def bucket(request):
     return request.getfixturevalue("s3_server" if request.param == "s3" else "gcs_server")

@@ -207,7 +207,7 @@ def map_shards(inputs, outputs, process_sample=None, *, command=None, errors="ab
     remove_temp_files(out_urls)
     try:
         result = run_items(task, list(zip(in_urls, out_urls)), keys=lambda pair: pair[0],
-                           is_done=lambda pair: storage.exists(pair[1]), desc="shards",
+                           is_done=lambda pair: storage.committed(pair[1]), desc="shards",
                            **_job_options(job))
     finally:
         remove_temp_files(out_urls)
@@ -375,9 +375,15 @@ def list_shards(pattern, *, samples=False, **job):
 
 
 def _size_or_none(url):
+    """The shard's size; None when there is no shard there (nothing, or a local directory)."""
     try:
         if not storage.exists(url):
             return None
+        if storage.is_local(url):
+            import os
+
+            if not os.path.isfile(storage.local_path(url)):
+                return None
         return storage.size(url)
     except TarprocError:
         return None

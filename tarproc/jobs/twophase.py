@@ -11,7 +11,11 @@ per-shard tasks on the driver (:func:`tarproc.jobs.driver.run_items`):
    non-empty partition to the work location, ``WORKDIR/map-IIIII/part-PPPPP.tar``, followed by
    a done marker ``WORKDIR/map-IIIII/done.json`` -- a rerun reuses every map task with a marker;
 3. *reduce* tasks each k-way merge their partition's runs from all map tasks (applying the
-   reduce to groups of equal keys) and commit one output shard atomically.
+   reduce to groups of equal keys) and commit one output shard atomically; the driver then
+   writes ``WORKDIR/reduce-PPPPP.done.json`` -- a rerun after a crash keeps every output shard
+   with a marker. An output that exists without one (after a finished job removed its work
+   files, or from another job) is rewritten: a shuffle or sort cannot be patched shard by
+   shard with shards of unknown origin (only when all outputs exist is nothing redone).
 
 Names in the work location are deterministic, so it can be any storage that can read, write
 and delete by name (a local or shared directory, nginx WebDAV, s3, gs): nothing is ever listed.
@@ -162,6 +166,9 @@ class Plan:
 
     def marker_url(self, m):
         return f"{self.map_dir(m)}/done.json"
+
+    def reduce_marker_url(self, p):
+        return f"{self.workdir}/reduce-{p:05d}.done.json"
 
     @property
     def boundaries_url(self):
@@ -322,6 +329,7 @@ class ReshardResult:
     seconds: float = 0.0
     skipped: bool = False
     message: str = ""
+    rewritten: int = 0  # outputs that existed without this job's reduce marker, written again
 
     @property
     def ok(self):
@@ -356,6 +364,9 @@ class ReshardResult:
             parts.append(f"{int(t['samples_in'])} samples in")
         if "samples_out" in t:
             parts.append(f"{int(t['samples_out'])} samples out")
+        if self.rewritten:
+            parts.append(f"{self.rewritten} output shard(s) that existed rewritten (not known "
+                         "to come from this job: its work files were gone)")
         line = "; ".join(parts) + f"; {self.seconds:.1f} s"
         if self.failed:
             line += f"; FAILED {len(self.failed)}"
@@ -439,7 +450,7 @@ def _cleanup(plan, markers, local):
     if local and os.path.isdir(plan.workdir):
         for m in range(len(plan.inputs)):
             shutil.rmtree(plan.map_dir(m), ignore_errors=True)
-        for name in ("boundaries.json",):
+        for name in ["boundaries.json"] + [f"reduce-{p:05d}.done.json" for p in range(len(plan.outputs))]:
             try:
                 os.remove(os.path.join(plan.workdir, name))
             except OSError:
@@ -455,6 +466,8 @@ def _cleanup(plan, markers, local):
         storage.remove(plan.marker_url(m), missing_ok=True)
     if plan.mode == "sort":
         storage.remove(plan.boundaries_url, missing_ok=True)
+    for p in range(len(plan.outputs)):
+        storage.remove(plan.reduce_marker_url(p), missing_ok=True)
     for m in range(len(plan.inputs)):
         try:  # a WebDAV collection; object stores have none
             storage.remove(plan.map_dir(m) + "/", missing_ok=True)
@@ -476,6 +489,7 @@ def _temp_targets(plan, local):
     targets = list(plan.outputs)
     if local:
         targets.append(plan.boundaries_url)
+        targets.extend(plan.reduce_marker_url(p) for p in range(len(plan.outputs)))
         for m in range(len(plan.inputs)):
             try:
                 names = os.listdir(plan.map_dir(m))
@@ -557,7 +571,8 @@ def run_twophase(mode, inputs, outputs, *, ordering, mapper=None, reducer=None, 
     # job ends; so do the sample dirs of dead processes when user code runs
     _tidy(plan, local)
     try:
-        if not force and all(storage.exists(u) for u in out_urls):
+        existing = set() if force else {p for p, u in enumerate(out_urls) if storage.committed(u)}
+        if len(existing) == n_out:
             result.skipped = True
             result.message = (f"{mode}: all {n_out} output shards exist already; nothing to do "
                               f"(--force to redo)")
@@ -603,9 +618,25 @@ def run_twophase(mode, inputs, outputs, *, ordering, mapper=None, reducer=None, 
 
             plan.sources = [[m for m in range(n_in) if markers[m]["parts"].get(str(p))]
                             for p in range(n_out)]
+            def reduce_done(p):
+                if p not in existing:
+                    return False
+                try:
+                    return _read_json(plan.reduce_marker_url(p)).get("fingerprint") == plan.fingerprint
+                except (TarprocError, OSError, ValueError):
+                    return False
+
+            def on_reduce(record):
+                if record["status"] == "done":
+                    _write_json(plan.reduce_marker_url(record["index"]),
+                                {"fingerprint": plan.fingerprint})
+
             res = run_items(functools.partial(reduce_task, plan), range(n_out), keys=out_keys,
-                            **_driver_kw(client, desc="reduce", **common))
+                            **_driver_kw(client, is_done=reduce_done, force=force, desc="reduce",
+                                         on_result=on_reduce, **common))
             result.phases["reduce"] = res
+            result.rewritten = sum(1 for r in res.items
+                                   if r["status"] == "done" and r["index"] in existing)
             if not res.ok:
                 result.failed = _failures(res)
                 return _finish(result, t0)

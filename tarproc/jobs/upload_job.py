@@ -99,7 +99,7 @@ def _for_workers(shard):
 
 
 def _exists(shard):
-    return storage.exists(shard.url)
+    return storage.committed(shard.url)
 
 
 def _load_previous(manifest_url):

@@ -24,6 +24,7 @@ from tarproc.storage.urls import is_local, local_path, redact, scheme
 __all__ = [
     "StorageError",
     "Writer",
+    "committed",
     "exists",
     "glob",
     "is_local",
@@ -103,6 +104,14 @@ def _stream_only(url, action):
 def exists(url):
     """True if an object or file exists at ``url`` (HEAD for http)."""
     return _stream_only(url, "cannot check")[1].exists(url)
+
+
+def committed(url):
+    """True if ``url`` holds what a committed write of a shard leaves: a regular file or an object,
+    not empty (tarproc never commits an empty shard: even one without samples has its end
+    blocks). A rerun skips an output only then: a directory or an empty file standing where the
+    output belongs (made by hand or by another tool) is no finished shard."""
+    return _stream_only(url, "cannot check")[1].committed(url)
 
 
 def size(url):

@@ -390,6 +390,15 @@ def exists(url, **options):
     raise fail("cannot check", url, _status_text(resp))
 
 
+def committed(url, **options):
+    resp = _head(url, _options(options), "cannot check")
+    if resp.status_code in (404, 410):
+        return False
+    if not 200 <= resp.status_code < 300:
+        raise fail("cannot check", url, _status_text(resp))
+    return resp.headers.get("Content-Length") != "0"
+
+
 def size(url, **options):
     resp = _head(url, _options(options), "cannot stat")
     if not 200 <= resp.status_code < 300:

@@ -241,6 +241,16 @@ def exists(url):
     return os.path.exists(local_path(url))
 
 
+def committed(url):
+    try:
+        st = os.stat(local_path(url))
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as exc:
+        raise fail("cannot check", url, exc) from exc
+    return stat.S_ISREG(st.st_mode) and st.st_size > 0
+
+
 def size(url):
     try:
         return os.stat(local_path(url)).st_size

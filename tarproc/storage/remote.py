@@ -135,6 +135,16 @@ def exists(url):
         raise fail("cannot check", url, _cause(exc)) from exc
 
 
+def committed(url):
+    try:
+        info = filesystem(url).info(remote_path(url))
+    except FileNotFoundError:
+        return False
+    except Exception as exc:
+        raise fail("cannot check", url, _cause(exc)) from exc
+    return info.get("type") == "file" and bool(info.get("size"))
+
+
 def size(url):
     try:
         info = filesystem(url).info(remote_path(url))
