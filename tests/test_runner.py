@@ -596,6 +596,31 @@ def test_key_that_cannot_be_read_back_fails_the_sample(base, cmd, message):
     assert leftovers(base) == []
 
 
+def test_setup_errors_say_what_is_wrong(base, tmp_path):
+    """A script whose #! names no interpreter, a temp dir base that is missing or a file, a
+    member ending in a dot: one error each that names the culprit, nothing created."""
+    from tarproc.errors import TarprocError
+
+    script = tmp_path / "s.sh"
+    script.write_text("#!/nonexistent/interp -x\necho hi\n")
+    r = ShellRunner(script=str(script), tmpdir=str(base))
+    with pytest.raises(TarprocError, match=r"^s.sh: cannot start it with its #! line "
+                                           r"'#!/nonexistent/interp -x': No such file"):
+        r.run(sample())
+    r.close()
+    for where, what in ((tmp_path / "no" / "such", "no such directory"), (script, "not a directory")):
+        r = ShellRunner("true", tmpdir=str(where))
+        with pytest.raises(TarprocError, match=f"temp dir base {where} .*: {what}"):
+            r.run(sample())
+        r.close()
+    assert not (tmp_path / "no").exists()
+    r = ShellRunner("true", tmpdir=str(base))
+    with pytest.raises(UnsafeNameError, match=r"empty field name in sample 'a': its member 'a\.' ends"):
+        r.run({"__key__": "a", "": b"1"})
+    r.close()
+    assert leftovers(base) == []
+
+
 def _utime_files_only(utime):
     """os.utime that leaves directories' times alone (so the sample dir is never marked)."""
     import stat as stat_mod

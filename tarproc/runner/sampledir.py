@@ -23,6 +23,7 @@ prepare gave it) is not even listed; the capture buffers are memfds.
 from __future__ import annotations
 
 import atexit
+import errno
 import itertools
 import os
 import re
@@ -32,7 +33,7 @@ import sys
 import threading
 import time
 
-from tarproc.errors import SampleFailed, UnsafeNameError
+from tarproc.errors import SampleFailed, TarprocError, UnsafeNameError
 
 __all__ = [
     "SampleResult",
@@ -121,6 +122,9 @@ def check_key(key, what="key"):
 def check_ext(ext, key=None):
     """Return ``ext`` if it can be a file name suffix (no ``/``, no control chars, not empty)."""
     where = f" in sample {key!r}" if key is not None else ""
+    if ext == "" and key is not None:
+        raise UnsafeNameError(f"empty field name{where}: its member {key + '.'!r} ends in a dot, "
+                              "so it names no field")
     if not isinstance(ext, str) or not ext:
         raise UnsafeNameError(f"bad field name{where}: {ext!r}")
     if "/" in ext or not _CONTROL.isdisjoint(ext) or ext in (".", ".."):
@@ -1107,7 +1111,9 @@ class _ProcessState:
         self.counter = itertools.count(1)
         self.keep_dirs = runner.keep_dirs
         base = runner.tmpdir or default_tmpdir()
-        os.makedirs(base, exist_ok=True)
+        if not os.path.isdir(base):  # made by nobody but its owner: a typo must not leave a tree
+            raise TarprocError(f"temp dir base {base} (--tmpdir or $TMPDIR): "
+                               + ("not a directory" if os.path.exists(base) else "no such directory"))
         self.root = _make_root(base, f"tarproc-{self.pid}-")
         self.rootfd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self._free = []  # workspaces not in use
@@ -1128,6 +1134,7 @@ class _ProcessState:
             env.update(runner.env)
         # Encoded once: each spawn then only adds the three TARPROC_* variables.
         self.env = {os.fsencode(k): os.fsencode(v) for k, v in env.items()}
+        self.runner_info = None  # (script name, #! line) when the kernel starts a -s script
         if runner.command is not None:
             self.argv = [runner.shell, "-c", runner.command]
         else:
@@ -1140,6 +1147,8 @@ class _ProcessState:
                 self.argv = shlex.split(runner.interpreter) + [script]
             elif runner.script_bytes.startswith(b"#!"):
                 self.argv = [script]
+                first = runner.script_bytes.split(b"\n", 1)[0].decode("utf-8", "replace")
+                self.runner_info = (runner.script_name, first)
             else:
                 self.argv = [runner.shell, script]
         self.devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
@@ -1384,14 +1393,24 @@ class _ProcessState:
                         start_new_session=True,
                     )
                     pid = proc.pid
-        except OSError:
+        except OSError as exc:
             if direct is None:
-                raise
+                raise self._spawn_error(exc) from None
             # Not runnable directly after all (say, a script without #!): bash knows what to do.
             self.direct = None
             return self.spawn(job)
         self.running.add(pid)
         return pid, proc
+
+    def _spawn_error(self, exc):
+        """What a failed start says: for a ``-s`` script run by its ``#!`` line, the
+        interpreter that line names (the kernel reports the script, our private copy)."""
+        runner = self.runner_info
+        if runner is not None and exc.errno in (errno.ENOENT, errno.EACCES, errno.ENOEXEC):
+            name, first = runner
+            return TarprocError(f"{name}: cannot start it with its #! line {first!r}: "
+                                f"{exc.strerror}")
+        return exc
 
     def _env_dict(self, job, direct):
         env = self.env.copy()
