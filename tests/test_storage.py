@@ -417,6 +417,14 @@ def test_flaky_put_failure_leaves_no_object(flaky_http_server, payload, failure)
 # s3 (moto) and gs (emulator)
 
 
+def test_write_below_a_file_names_the_file(tmp_path):
+    (tmp_path / "f.tar").write_bytes(b"x")
+    for target in (tmp_path / "f.tar" / "o.tar", tmp_path / "f.tar" / "a" / "b" / "o.tar"):
+        with pytest.raises(StorageError, match=f"^cannot write {target}: {tmp_path / 'f.tar'} is not a directory$"):
+            storage.open_write(str(target))
+    assert (tmp_path / "f.tar").read_bytes() == b"x"
+
+
 def test_committed_is_a_non_empty_file_or_object(tmp_path, nginx_server, s3_server, gcs_server):
     """What a rerun takes for a finished shard: not a directory, not an empty file."""
     (tmp_path / "dir.tar").mkdir()

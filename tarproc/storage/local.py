@@ -88,6 +88,16 @@ def remove_temp_files(urls):
     return removed
 
 
+def _not_a_dir(directory):
+    """The first ancestor of ``directory`` (or itself) that exists and is no directory."""
+    parts = os.path.abspath(directory).split(os.sep)
+    for i in range(2, len(parts) + 1):
+        path = os.sep.join(parts[:i])
+        if os.path.exists(path) and not os.path.isdir(path):
+            return path
+    return directory
+
+
 class LocalWriter(Writer):
     """Writes to ``.NAME.tmp-XXXX`` beside the target and renames it into place on commit.
 
@@ -118,7 +128,10 @@ class LocalWriter(Writer):
             self.path = os.path.realpath(self.path)
             directory, base = os.path.split(self.path)
         try:
-            os.makedirs(directory, exist_ok=True)
+            try:
+                os.makedirs(directory, exist_ok=True)
+            except (FileExistsError, NotADirectoryError):
+                raise fail("cannot write", url, f"{_not_a_dir(directory)} is not a directory") from None
             import tempfile  # (~4 ms of imports, random and more, only writers need)
 
             fd, self.tmp = tempfile.mkstemp(prefix=_temp_prefix(base), dir=directory)
