@@ -102,13 +102,14 @@ def _resolve_glob(url):
 def expand_inputs(patterns):
     """Input URLs for one pattern or a list of them: braces, `@N`, then globs for local/s3/gs.
 
-    A glob that matches nothing is an error; so is an empty result. `-` and `pipe:` pass as is.
+    A glob that matches nothing is an error; so is an empty result. `-` and `pipe:` pass as is,
+    and so does a local path that names an existing file as it is (`c@2.tgz`).
     """
     if isinstance(patterns, str):
         patterns = [patterns]
     urls = []
     for pattern in patterns:
-        if pattern == "-" or pattern.startswith("pipe:"):
+        if pattern == "-" or pattern.startswith("pipe:") or _existing_file(pattern):
             urls.append(pattern)
             continue
         for name in expand(pattern):
@@ -122,6 +123,17 @@ def expand_inputs(patterns):
     if not urls:
         raise PatternError(f"{' '.join(patterns)}: the pattern names no shards")
     return urls
+
+
+def _existing_file(pattern):
+    """Whether ``pattern`` holds pattern characters but names an existing local file as it is
+    (``c@2.tgz``, ``b{1}.tgz``): that file is meant, as bash leaves a glob without match alone."""
+    if not any(c in pattern for c in "@{[*?") or _is_http(pattern):
+        return False
+    from . import storage
+    import os
+
+    return storage.is_local(pattern) and os.path.isfile(storage.local_path(pattern))
 
 
 def _is_http(url):

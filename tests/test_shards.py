@@ -71,3 +71,15 @@ def test_printf_outputs():
     assert shards.is_printf("out/ds-%06d.tar")
     assert shards.printf_name("out/ds-%06d.tar", 12) == "out/ds-000012.tar"
     assert not shards.is_printf("out/ds-@4.tar")
+
+
+def test_existing_file_with_pattern_characters_is_taken_as_it_is(tmp_path):
+    for name in ("c@2.tgz", "b{1}.tgz", "a[x].tgz"):
+        (tmp_path / name).write_bytes(b"x")
+        assert shards.expand_inputs(str(tmp_path / name)) == [str(tmp_path / name)]
+        assert shards.expand_inputs(f"file://{tmp_path / name}") == [f"file://{tmp_path / name}"]
+    # without such a file, the pattern is a pattern as before
+    assert shards.expand_inputs(str(tmp_path / "d@2.tgz")) == [str(tmp_path / "d0.tgz"), str(tmp_path / "d1.tgz")]
+    with pytest.raises(PatternError):
+        shards.expand_inputs(str(tmp_path / "e{1}.tgz"))
+    assert shards.expand_inputs("http://h/c@2.tgz") == ["http://h/c0.tgz", "http://h/c1.tgz"]
