@@ -621,6 +621,28 @@ def test_setup_errors_say_what_is_wrong(base, tmp_path):
     assert leftovers(base) == []
 
 
+def test_dir_removed_while_prepared_fails_the_sample_by_name(base, monkeypatch):
+    """Another sample's command may remove the dirs beside its own (`rm -rf ../*`) while this
+    one's files are written: a SampleFailed naming the sample, not a bare 'sample.cls: No such
+    file' from deep inside."""
+    from tarproc.runner import sampledir
+
+    real = sampledir._ProcessState.create_file
+
+    def sabotaged(self, ws, name, data, mark):
+        if name == "sample.cls":
+            shutil.rmtree(self.root)  # as rm -rf ../* in a command running beside
+        return real(self, ws, name, data, mark)
+
+    monkeypatch.setattr(sampledir._ProcessState, "create_file", sabotaged)
+    r = ShellRunner("true", tmpdir=str(base))
+    with pytest.raises(SampleFailed, match=r"^sample 'k1': cannot write its files into its temp dir "
+                                           r"under .*: sample.cls: No such file or directory") as info:
+        r.run({"__key__": "k1", "cls": b"1", "txt": b"x"})
+    assert info.value.status == "prepare"
+    r.close()
+
+
 def _utime_files_only(utime):
     """os.utime that leaves directories' times alone (so the sample dir is never marked)."""
     import stat as stat_mod

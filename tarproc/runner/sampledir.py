@@ -756,6 +756,12 @@ class ShellRunner:
                 job.dir_marked = True
             except OSError:
                 pass
+        except OSError as exc:
+            # (say, a command of another sample removed the dirs beside its own: rm -rf ../*)
+            self.cleanup(job)
+            what = f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc)
+            raise SampleFailed(f"sample {key!r}: cannot write its files into its temp dir under "
+                               f"{local.root}: {what}", key=key, status="prepare") from None
         except BaseException:
             self.cleanup(job)
             raise
