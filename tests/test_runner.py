@@ -209,8 +209,10 @@ def test_key_never_reaches_command_line(base, tmp_path, monkeypatch):
 
 def test_unsafe_key_written_by_command(base):
     r = ShellRunner("echo ../../etc/passwd > __key__", tmpdir=str(base))
-    with pytest.raises(UnsafeNameError):
+    with pytest.raises(SampleFailed, match=r"key written by the command '\.\./\.\./etc/passwd' "
+                                           r"refused: a '\.\.' component") as info:
         r.run(sample())
+    assert info.value.status == "badkey"  # like a key that is not UTF-8: the command's doing
     assert leftovers(base) == []
 
 

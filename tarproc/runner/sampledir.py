@@ -1015,7 +1015,10 @@ class ShellRunner:
                 key=default_key,
                 status="badkey",
             ) from None
-        check_key(key, f"sample {job.key!r}: key written by the command")
+        try:
+            check_key(key, f"sample {job.key!r}: key written by the command")
+        except UnsafeNameError as exc:  # the command's doing: a failure of its sample
+            raise SampleFailed(str(exc), key=default_key, status="badkey") from None
         return key
 
     @staticmethod
