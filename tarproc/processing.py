@@ -86,7 +86,8 @@ def _is_our_stdout(output):
 
 
 class _CallableRunner:
-    """Runs a Python callable as `process_sample` (same normalisation as script files)."""
+    """Runs a Python callable as `process_sample` (same normalisation as script files; a
+    `sys.exit()` in it is a failure of the sample, as there)."""
 
     def __init__(self, fn):
         self.fn = fn
@@ -94,10 +95,13 @@ class _CallableRunner:
     def run(self, sample, index=0):
         from .runner.pyscript import normalize_result
         from .runner.sampledir import SampleResult
+        from .runner.pool import SignalExit
         from .errors import SampleFailed
         try:
             result = self.fn(sample)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
+            if isinstance(exc, SignalExit):
+                raise
             raise SampleFailed(f"{sample.get('__key__')}: {type(exc).__name__}: {exc}",
                                key=sample.get("__key__"), status="exception") from exc
         return SampleResult(outputs=normalize_result(result, sample), stdout=b"", stderr=b"")
@@ -144,9 +148,15 @@ def process_stream(inputs, output=None, runner=None, *, processes=1, ordered=Tru
     """
     started = time.monotonic()
     if stdout is None:
-        stdout = sys.stderr if output == "-" or _is_our_stdout(output) else sys.stdout
+        to_stderr = output == "-" or _is_our_stdout(output)
+        stdout = sys.stderr if to_stderr else sys.stdout
+        if stdout is None or getattr(stdout, "standard_stream_closed", False):
+            # closed (Python sets it to None; cli.common puts a stand-in there): an error
+            # saying so, and why, at the first output of a command; stderr: dropped
+            stdout = _ClosedStream(None if to_stderr else "standard output")
     stdout = full_writer(getattr(stdout, "buffer", stdout))
-    stderr = full_writer(getattr(stderr or sys.stderr, "buffer", stderr or sys.stderr))
+    stderr = stderr or sys.stderr or _ClosedStream(None)  # nowhere to say it: dropped
+    stderr = full_writer(getattr(stderr, "buffer", stderr))
     unsafe = "skip" if errors == "skip" else "error"
     if raw is None:
         # Workers in other processes: let them read, decode and encode. Runners the pool runs
@@ -162,7 +172,7 @@ def process_stream(inputs, output=None, runner=None, *, processes=1, ordered=Tru
     if raw:
         samples = _raw_items(inputs, in_bytes, read_options, held)
         codec = dict(decode=_decode_item, encode=_encode_outputs if output else _no_outputs,
-                     blocks=True, parent_works=True)
+                     blocks=True, parent_works=True, describe=_describe_item)
     elif not chunks:
         samples = streams.iter_samples(inputs, **read_options)
         codec = {}
@@ -254,7 +264,7 @@ def _process_chunks(inputs, sink, runner, processes, errors, read_options, emit,
     write = sink.write if sink else _discard
     with SamplePool(_ChunkRunner(runner, errors, read_options, bool(sink)), processes,
                     parent_works=True, max_in_flight=CHUNKS_PER_PROCESS * processes,
-                    queue_depth=3) as pool:
+                    queue_depth=3, describe=_Chunk.describe) as pool:
         for url in shards.expand_inputs(inputs):
             with storage.open_read(url) as raw:
                 stream = tario.open_decompressed(raw, url)
@@ -343,6 +353,27 @@ class _Chunk:
 
     def get(self, key, default=None):
         return default
+
+    def describe(self):
+        """The chunk's samples for an error message, "'first' .. 'last' of URL" (the pool's
+        `describe`, when a worker dies; reads the chunk again)."""
+        where = f"bytes {self.offset}-{self.offset + self.size} of {self.url}"
+        files = {}
+        try:
+            chunk = self.read(files)
+            if chunk is None:
+                return where
+            state = tario_reader.StreamState(raise_warnings=True)
+            keys = [s["__key__"] for s in tario_reader.iter_chunk_samples(chunk, self.url, self.offset, state)]
+        except Exception:  # noqa: BLE001 - then the bytes are what we can name
+            return where
+        finally:
+            for fd in files.values():
+                os.close(fd)
+        if not keys:
+            return where
+        names = repr(keys[0]) if len(keys) == 1 else f"{keys[0]!r} .. {keys[-1]!r}"
+        return f"{names} of {self.url}"
 
     def read(self, files):
         """The chunk's bytes, or None if the file does not hold them (any more); `files`
@@ -636,6 +667,13 @@ def _decode_item(item):
     return sample
 
 
+def _describe_item(item):
+    """An item of `_raw_items` for an error message: its key, as repr (when a worker dies)."""
+    nl = item.index(b"\n", 0, 64)
+    end = nl + 1 + int(item[:nl].split(b" ")[1])
+    return repr(tario_writer.first_key(item[end:]))
+
+
 def _encode_outputs(outputs):
     """The outputs of one sample as tar members, or _SAME (runs in the workers)."""
     known = getattr(_decoded, "plain", None)
@@ -647,6 +685,27 @@ def _encode_outputs(outputs):
 def _no_outputs(outputs):
     """The encoding of outputs that are dropped (no output URL): none (runs in the workers)."""
     return b""
+
+
+class _ClosedStream:
+    """Stands for a closed standard stream where the commands' output goes: writing to it
+    raises an OSError saying which one is closed (the job stops with that error at the first
+    output: what the commands print is not silently lost); with `name` None, what is written
+    is dropped (stderr: there is nowhere to say it)."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def write(self, data):
+        if self.name is None:
+            return len(data)
+        import errno
+
+        raise OSError(errno.EBADF, f"cannot write what the commands printed: {self.name} is "
+                                   "closed (redirect it, e.g. >/dev/null)")
+
+    def flush(self):
+        pass
 
 
 def _size(sample):

@@ -595,3 +595,65 @@ def test_chunk_items_of_a_plain_file_are_read_there_and_checked(tmp_path, small_
     gz = [s for s in SHARDS if s.endswith(".tgz")][0]
     with open(gz, "rb") as raw:
         assert processing._plain_file(raw, tario.open_decompressed(raw, gz)) is None
+
+
+# ------------------------------------------------------------------ what process_sample returns, every way
+
+
+def _tiny_shard(path, n=30):
+    with open(path, "wb") as f, TarWriter(f) as w:
+        for i in range(n):
+            w.write({"__key__": f"k{i:03d}", "txt": str(i).encode(), "cls": b"1"})
+    return str(path)
+
+
+@pytest.mark.parametrize("processes,raw", [(1, False), (2, False), (2, True), (2, "chunks")])
+@pytest.mark.parametrize("returned", ["{}", "{'__key__': s['__key__']}",
+                                      "[{'__key__': s['__key__'] + 'a'}, {'__key__': s['__key__'] + 'b'}]",
+                                      "{'__key__': s['__key__'] + 'x', '__url__': 'elsewhere'}"])
+def test_outputs_without_fields_are_dropped_and_counted_so(tmp_path, processes, raw, returned):
+    src = _tiny_shard(tmp_path / "in.tar")
+    script = tmp_path / "m.py"
+    script.write_text("def process_sample(s):\n"
+                      f"    return s if s['__key__'] == 'k007' else {returned}\n")
+    out = str(tmp_path / "out.tar")
+    result = process_stream([src], out, make_runner(python=str(script)), processes=processes, raw=raw)
+    assert (result.inputs, result.outputs, result.dropped) == (30, 1, 29)
+    assert [s["__key__"] for s in iter_samples(open(out, "rb"))] == ["k007"]
+
+
+def test_a_callable_that_calls_sys_exit_fails_its_sample(tmp_path):
+    import sys
+
+    from tarproc.errors import SampleFailed
+
+    def fn(sample):
+        if sample["__key__"] == "k004":
+            sys.exit(5)
+        return {} if sample["__key__"] == "k005" else sample
+
+    src = _tiny_shard(tmp_path / "in.tar", 10)
+    with pytest.raises(SampleFailed, match="k004: SystemExit: 5") as info:
+        process_stream([src], str(tmp_path / "out.tar"), make_runner(process_sample=fn))
+    assert info.value.key == "k004" and not os.path.exists(tmp_path / "out.tar")
+    failures = []
+    result = process_stream([src], str(tmp_path / "out.tar"), make_runner(process_sample=fn), errors="skip",
+                            on_failure=failures.append)
+    assert (result.outputs, result.dropped, result.skipped) == (8, 1, 1) and len(failures) == 1
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_printing_to_a_closed_stdout_is_an_error_saying_so(tmp_path, monkeypatch, processes):
+    """Python sets a closed standard stream to None: what the code printed cannot go there, and
+    the job says so (no AttributeError on None, nothing half written)."""
+    src = _tiny_shard(tmp_path / "in.tar", 10)
+    script = tmp_path / "m.py"
+    script.write_text("def process_sample(s):\n    print('hi')\n    return s\n")
+    out = str(tmp_path / "out.tar")
+    monkeypatch.setattr("sys.stdout", None)
+    with pytest.raises(OSError, match="cannot write what the commands printed: standard output is closed"):
+        process_stream([src], out, make_runner(python=str(script)), processes=processes)
+    assert not os.path.exists(out)
+    script.write_text("def process_sample(s):\n    return s\n")
+    monkeypatch.setattr("sys.stderr", None)  # (and nothing said: nowhere to say it)
+    assert process_stream([src], out, make_runner(python=str(script)), processes=processes).outputs == 10

@@ -133,3 +133,29 @@ def test_items_driver_resume_shuffle_and_reduce(tmp_path):
     assert first.reduced == {"even": sum(range(0, 20, 2)), "odd": sum(range(1, 20, 2)) - 7}
     assert sorted(int(p.name) for p in done_dir.iterdir()) == list(range(20))
     json.loads(second.to_json())
+
+
+def test_map_shards_counts_outputs_without_fields_as_dropped(imagenet_dir, tmp_path, dask_scheduler_address):
+    """htmapper's task (MapShard) counts what the runner returns: an output with no field is
+    nothing to write, so the sample is dropped, not out; sys.exit() fails one sample."""
+    import sys
+
+    from distributed import Client
+
+    def no_fields(sample, stop=keys_of_first(imagenet_dir)[3]):
+        if sample["__key__"] == stop:
+            sys.exit(1)
+        return {} if int(sample["cls"]) % 2 else {"__key__": sample["__key__"]}
+
+    pattern = str(imagenet_dir / "imagenet_train-{0000..0001}.tgz")
+    with Client(dask_scheduler_address, set_as_default=False) as client:
+        result = tarproc.map_shards(pattern, str(tmp_path / "none-@2.tar"), no_fields, cluster=client,
+                                    errors="skip", progress=False)
+    assert result.ok
+    totals = result.totals
+    assert (totals["samples_in"], totals["samples_out"], totals["dropped"], totals["skipped"]) == (20, 0, 19, 1)
+    assert list(tarproc.iter_samples(str(tmp_path / "none-@2.tar"))) == []
+
+
+def keys_of_first(imagenet_dir):
+    return [s["__key__"] for s in tarproc.iter_samples(str(imagenet_dir / "imagenet_train-0000.tgz"))]

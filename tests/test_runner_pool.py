@@ -383,3 +383,95 @@ def test_parent_works_failures_abort_in_order():
     assert info.value.index == 150
     assert sum(n for _, n in got) == 150 and got[0][0] == 0
     assert workers_alive() == []
+
+
+# ------------------------------------------------------------------ code that ends or kills its process
+
+
+@pytest.mark.parametrize("how,ended", [("os._exit(0)", "exit status 0"),
+                                       ("faulthandler.disable(); os.kill(os.getpid(), signal.SIGSEGV)",
+                                        "killed by signal 11 (SIGSEGV)")])  # (no dump of pytest's)
+@pytest.mark.parametrize("ordered", [True, False])
+def test_a_worker_that_dies_is_a_worker_died_error(how, ended, ordered):
+    """Not a RuntimeError traceback, nor a BrokenPipeError (which commands take for a closed
+    stdout and exit 141 quietly): a TarprocError naming the process and the samples it had."""
+    from tarproc.errors import TarprocError
+    from tarproc.runner.pool import WorkerDied
+
+    runner = PythonRunner("import faulthandler, os, signal\ndef process_sample(s):\n"
+                          f"    if s['__key__'] == 's00137': {how}\n"
+                          "    return s\n")
+    for _ in range(3):  # (where the parent notices it varies)
+        with pytest.raises(WorkerDied) as info:
+            list(process_samples(runner, samples(400), processes=2, ordered=ordered))
+        exc = info.value
+        assert isinstance(exc, TarprocError) and exc.exitcode == (0 if "_exit" in how else -11)
+        assert str(exc).startswith(f"a worker process (pid {exc.pid}) died ({ended}) while running sample(s) ")
+        assert exc.samples and all(s.startswith("'s0") for s in exc.samples)
+        spans = [[int(k.strip("' ")[1:]) for k in s.split(" .. ")] for s in exc.samples]
+        assert any(span[0] <= 137 <= span[-1] for span in spans), exc.samples
+        assert workers_alive() == []
+
+
+def test_describe_names_items_that_are_not_sample_dicts():
+    from tarproc.runner.pool import WorkerDied
+
+    runner = PythonRunner("import os\ndef process_sample(s):\n    os._exit(3)\n")
+    with pytest.raises(WorkerDied, match=r"died \(exit status 3\) while running sample\(s\) <k0>"):
+        list(process_samples(runner, [b"k0:0"], processes=2, decode=_decode,
+                             describe=lambda item: "<" + item.split(b":")[0].decode() + ">"))
+    with pytest.raises(WorkerDied, match=r"while running sample\(s\) #0\b"):  # (bytes: no key known)
+        list(process_samples(runner, [b"k0:0"], processes=2, decode=_decode))
+    assert workers_alive() == []
+
+
+@pytest.mark.parametrize("p", [1, 2])
+def test_sys_exit_in_python_code_is_a_sample_failure(p):
+    runner = PythonRunner("import sys\ndef process_sample(s):\n"
+                          "    if s['__key__'] == 's00007': sys.exit('bye')\n"
+                          "    return s\n")
+    stats = PoolStats()
+    outs = list(process_samples(runner, samples(20), processes=p, errors="skip", stats=stats))
+    failed = [o.error for o in outs if o.error is not None]
+    assert len(failed) == 1 and failed[0].key == "s00007" and failed[0].status == "exception"
+    assert "process_sample raised SystemExit: bye" in str(failed[0])
+    assert (stats.inputs, stats.outputs, stats.skipped) == (20, 19, 1)
+    assert workers_alive() == []
+
+
+def test_signal_exit_is_not_taken_for_a_failure_of_the_sample():
+    """SIGTERM in a worker raises SignalExit, wherever it is: it ends the process."""
+    from tarproc.runner.pool import SignalExit
+
+    runner = PythonRunner("from tarproc.runner.pool import SignalExit\n"
+                          "def process_sample(s):\n    raise SignalExit(143)\n")
+    with pytest.raises(SignalExit):
+        runner.run(samples(1)[0])
+
+
+def test_keyboard_interrupt_raised_in_a_worker_is_raised_in_the_caller():
+    runner = PythonRunner("def process_sample(s):\n    raise KeyboardInterrupt\n")
+    for _ in range(3):
+        with pytest.raises(KeyboardInterrupt):
+            list(process_samples(runner, samples(100), processes=2, errors="skip"))
+        assert workers_alive() == []
+
+
+def test_threads_that_cannot_start_are_a_one_line_error(base, monkeypatch):
+    import threading
+
+    from tarproc.errors import TarprocError
+
+    started = []
+    real_start = threading.Thread.start
+
+    def start(self):
+        if self.name.startswith("tarproc-runner-") and len(started) >= 3:
+            raise RuntimeError("can't start new thread")
+        started.append(self)
+        real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    with pytest.raises(TarprocError, match=r"^cannot start runner thread 4 of 50 samples at once: can't start"):
+        SamplePool(ShellRunner("true", tmpdir=str(base)), 50)
+    assert not any(t.is_alive() for t in started)

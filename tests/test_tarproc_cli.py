@@ -449,3 +449,155 @@ def test_samples_of_one_key_at_the_seam_of_two_inputs_are_refused(data):
     assert f"the key {first[2]['__key__']!r}" in err and not (data / "out.tar").exists()
     sh("tarproc -c true a.tar a.tar -o out.tar", data, check=True)  # a.tar again: apart
     assert keys_of(data / "out.tar") == [s["__key__"] for s in first[:3]] * 2
+
+
+# ------------------------------------------------------------------ -P: code that ends or kills its process
+
+# Dies only in a -p N worker process, never in tarproc itself (which runs batches too at -p 2).
+_IN_A_WORKER = "import multiprocessing, os, signal\n" \
+               "def in_a_worker():\n" \
+               "    return multiprocessing.parent_process() is not None\n"
+
+
+@pytest.mark.parametrize("p", [1, 2])
+def test_python_sys_exit_is_a_sample_failure(data, p):
+    key = keys_of(data / "imagenet_train-0001.tgz")[4]
+    (data / "ex.py").write_text("import sys\n"
+                                "def process_sample(s):\n"
+                                f"    if s['__key__'] == {key!r}: sys.exit(3)\n"
+                                "    return s\n")
+    proc = sh(f"tarproc -P ex.py -p {p} 'imagenet_train-{{0000..0003}}.tgz' -o out.tar", data)
+    err = proc.stderr.decode()
+    assert proc.returncode == 1 and err.startswith(f"tarproc: error: sample {key!r} failed (exception): "
+                                                   "process_sample raised SystemExit: 3; no output written\n")
+    tail = err.splitlines()[1:]  # the script's traceback, as the last lines of a command's stderr
+    assert all(line.startswith("  | ") for line in tail) and tail[-1] == "  | SystemExit: 3", err
+    assert "pyscript.py" not in err and not (data / "out.tar").exists()
+    proc = sh(f"tarproc -P ex.py -p {p} --errors skip 'imagenet_train-{{0000..0003}}.tgz' -o out.tar", data,
+              check=True)
+    assert "40 in, 39 out, 0 dropped, 1 skipped" in proc.stderr.decode()
+    assert len(keys_of(data / "out.tar")) == 39
+
+
+@pytest.mark.parametrize("how", ["os._exit(0)", "os.kill(os.getpid(), signal.SIGSEGV)"])
+def test_a_worker_process_that_dies_is_a_one_line_error(data, how):
+    (data / "die.py").write_text(_IN_A_WORKER + "def process_sample(s):\n"
+                                 f"    if in_a_worker(): {how}\n"
+                                 "    return s\n")
+    keys = [k for i in range(4) for k in keys_of(data / f"imagenet_train-{i:04d}.tgz")]
+    for extra in ["", "", "", "--count 30"]:  # (how it shows varied from run to run)
+        proc = sh(f"tarproc -P die.py -p 2 {extra} 'imagenet_train-{{0000..0003}}.tgz' -o out.tar", data)
+        err = assert_one_line_error(proc, "tarproc")
+        assert proc.returncode == 1 and len(err.splitlines()) == 1, err
+        assert "a worker process (pid " in err and " died (" in err
+        assert ("exit status 0" if "_exit" in how else "killed by signal 11 (SIGSEGV)") in err
+        assert "while running sample(s) " in err and any(repr(k) in err for k in keys), err
+        assert not (data / "out.tar").exists() and not [n for n in os.listdir(data) if ".tmp-" in n]
+
+
+def test_keyboard_interrupt_raised_by_python_code_at_p2_exits_130(data):
+    (data / "ki.py").write_text("def process_sample(s):\n    raise KeyboardInterrupt\n")
+    for _ in range(3):
+        proc = sh("tarproc -P ki.py -p 2 'imagenet_train-{0000..0003}.tgz' -o out.tar", data)
+        assert proc.returncode == 130 and proc.stderr.decode() == "tarproc: error: interrupted\n"
+        assert not (data / "out.tar").exists()
+
+
+@pytest.mark.parametrize("p", [1, 2])
+@pytest.mark.parametrize("what,named", [("s['txt'] = '\\udcff'", "field 'txt'"),
+                                        ("s['t\\udcff'] = b'x'", "field name 't\\udcff'"),
+                                        ("s['__key__'] = 'k\\udcff'", "key 'k\\udcff'")])
+def test_python_str_that_is_not_unicode_text_fails_the_sample(data, p, what, named):
+    (data / "sur.py").write_text(f"def process_sample(s):\n    {what}\n    return s\n")
+    key = keys_of(data / "imagenet_train-0000.tgz")[0]
+    proc = sh(f"tarproc -P sur.py -p {p} imagenet_train-0000.tgz -o out.tar", data)
+    err = assert_one_line_error(proc, "tarproc")
+    assert proc.returncode == 1 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"tarproc: error: sample {key!r} failed") and named in err
+    assert "not valid Unicode text" in err and not (data / "out.tar").exists()
+    proc = sh(f"tarproc -P sur.py -p {p} --errors skip imagenet_train-0000.tgz -o out.tar", data, check=True)
+    assert "10 in, 0 out, 0 dropped, 10 skipped" in proc.stderr.decode()
+
+
+@pytest.mark.parametrize("option", ["--timeout 5", "--add-log log", "-b img", "-S", "--tmpdir .", "--keep-dirs",
+                                    "--shell sh", "--interpreter python3"])
+@pytest.mark.parametrize("what", ["-P m.py", ""])
+def test_options_of_shell_commands_are_refused_where_they_do_nothing(data, option, what):
+    (data / "m.py").write_text("import os\nopen('ran', 'w').close()\ndef process_sample(s):\n    return s\n")
+    proc = sh(f"tarproc {what} {option} imagenet_train-0000.tgz -o out.tar", data)
+    err = proc.stderr.decode()
+    assert proc.returncode == 2 and "Traceback" not in err, err
+    assert err.splitlines()[-1].startswith(f"tarproc: error: {option.split()[0]}")
+    assert ("applies to -s only" if "interpreter" in option else "applies to -c/-s only") in err
+    assert not (data / "out.tar").exists() and not (data / "ran").exists()
+
+
+def test_interpreter_with_a_command_is_refused_and_with_a_script_works(data):
+    proc = sh("tarproc -c true --interpreter python3 imagenet_train-0000.tgz", data)
+    assert proc.returncode == 2 and "--interpreter applies to -s only" in proc.stderr.decode()
+    (data / "s.py").write_text("open('sample.py_ran', 'w').write('1')\n")
+    sh("tarproc -s s.py --interpreter python3 --shell sh -b sample imagenet_train-0000.tgz --count 2 -o out.tar",
+       data, check=True)
+    assert [s["py_ran"] for s in iter_samples(str(data / "out.tar"))] == [b"1", b"1"]
+
+
+@pytest.mark.parametrize("p", [1, 2])
+@pytest.mark.parametrize("returned", ["{}", "{'__key__': s['__key__']}", "[{'__key__': s['__key__'] + 'x'}]",
+                                      "{'__key__': s['__key__'], '__url__': 'u'}"])
+def test_python_outputs_without_fields_are_dropped(data, p, returned):
+    (data / "m.py").write_text(f"def process_sample(s):\n    return {returned}\n")
+    for count in ("", "--count 7"):  # (chunks, raw samples)
+        proc = sh(f"tarproc -P m.py -p {p} {count} 'imagenet_train-{{0000..0001}}.tgz' -o out.tar", data, check=True)
+        n = 7 if count else 20
+        assert f"{n} in, 0 out, {n} dropped, 0 skipped" in proc.stderr.decode()
+        assert keys_of(data / "out.tar") == []
+
+
+def test_timeouts_too_large_to_use_are_refused(data):
+    for value in ["inf", "1e30", "1000001"]:
+        proc = sh(f"tarproc --timeout {value} -c true imagenet_train-0000.tgz", data)
+        err = proc.stderr.decode()
+        assert proc.returncode == 2 and "--timeout" in err and "at most 1000000 seconds" in err
+        assert "Traceback" not in err
+    sh("tarproc --timeout 1e6 -c true --count 2 imagenet_train-0000.tgz", data, check=True)
+
+
+@pytest.mark.parametrize("option", ["-p 100000", "-p 0", "--max-member-size -5", "--max-member-size 0"])
+def test_counts_out_of_range_are_usage_errors(data, option):
+    proc = sh(f"tarproc -q {option} -c true --count 3 imagenet_train-0000.tgz", data)
+    err = proc.stderr.decode()
+    assert proc.returncode == 2 and "Traceback" not in err, err
+    assert err.splitlines()[-1].startswith(f"tarproc: error: argument {option.split()[0]}")
+    assert ("at most 1024" if "100000" in option else "at least 1") in err
+
+
+@pytest.mark.parametrize("cmd,status,message,out", [
+    ("tarproc -c 'echo hi' --count 2 imagenet_train-0000.tgz -o o.tar >&-", 1,
+     "tarproc: error: cannot write what the commands printed: standard output is closed", "o.tar"),
+    ("tarproc imagenet_train-0000.tgz -o - >&-", 1, "tarproc: error: standard output is closed", None),
+    ("tarproc -c true -o o.tar <&-", 1, "tarproc: error: standard input is closed", "o.tar"),
+    ("tarproc -P m.py -p 2 -o o.tar - <&-", 1, "tarproc: error: standard input is closed", "o.tar"),
+    ("tarproc -c true --count 2 imagenet_train-0000.tgz -o o.tar >&-", 0, "tarproc: 2 in, 2 out", "o.tar"),
+    ("tarproc -c 'echo hi; echo err >&2' --count 2 imagenet_train-0000.tgz -o - 2>&- > o.tar", 0, "", "o.tar"),
+    ("tarproc -c true --count 2 imagenet_train-0000.tgz -o o.tar 2>&- <&-", 0, "", "o.tar"),
+])
+def test_closed_standard_streams(data, cmd, status, message, out):
+    """A closed stderr: the job works; a closed stdout or stdin: fine unless the job needs it,
+    then one line saying so (the commands' output too is refused, not lost silently)."""
+    (data / "m.py").write_text("def process_sample(s):\n    return s\n")
+    proc = sh(cmd, data)
+    err = proc.stderr.decode()
+    assert proc.returncode == status and "Traceback" not in err, err
+    assert err.startswith(message) and len(err.splitlines()) <= 1, err
+    if out:
+        assert (data / out).exists() == (status == 0)
+        if status == 0:
+            assert len(keys_of(data / out)) == 2
+
+
+def test_debug_shows_the_traceback_of_the_error(data):
+    (data / "bad.tar").write_bytes(b"not a tar")
+    proc = sh("tarproc bad.tar", data, env={"TARPROC_DEBUG": "1"})
+    err = proc.stderr.decode()
+    assert proc.returncode == 1 and err.startswith("tarproc: error: bad.tar: not a tar archive")
+    assert "Traceback (most recent call last)" in err and "FormatError" in err and "NoneType: None" not in err

@@ -3,6 +3,14 @@
 Commands are thin: parse arguments, call one library function, and let `run_main` turn what goes
 wrong into a single line on stderr and an exit status (1 for errors, 2 for usage, 130 for Ctrl-C,
 143 for SIGTERM) instead of a traceback.
+
+Closed standard streams (`cmd >&-`, `2>&-`, `<&-`; Python then sets sys.stdout... to None) are
+handled once for every command in `run_main`: the file descriptor is held open on /dev/null (so
+that no file opened later takes its number: a child or a write "to standard output" would use
+it); a closed stderr makes messages go nowhere and the command otherwise works; reading a closed
+stdin or writing to a closed stdout is a one-line error ("standard output is closed") when it
+happens, and only then: a command that needs neither runs as usual. `check_standard_streams`
+reports it before any work when a command knows it will need one (`tarproc -o -`, input `-`).
 """
 
 import argparse
@@ -81,38 +89,132 @@ def _one_line_warnings(prog):
     warnings.showwarning = show
 
 
+#: The standard streams that were closed when the command started ("stdin", "stdout", "stderr").
+CLOSED_STREAMS = set()
+
+_STREAM_NAMES = {"stdin": "standard input", "stdout": "standard output", "stderr": "standard error"}
+
+
+class ClosedStream:
+    """Stands in sys for a standard stream that was closed at start: reading or writing it
+    raises an OSError (EBADF) saying so, "standard output is closed", which `run_main` reports
+    in one line; flushing and closing do nothing, so that a command that never uses it works.
+    It is its own ``buffer`` (binary writes fail the same way)."""
+
+    encoding = "utf-8"
+    errors = "strict"
+    standard_stream_closed = True  # (processing says why it needed the stream)
+
+    def __init__(self, name):
+        self.name = name
+        self.buffer = self
+
+    def _closed(self, *args, **kwargs):
+        import errno
+
+        raise OSError(errno.EBADF, f"{_STREAM_NAMES.get(self.name, self.name)} is closed")
+
+    write = writelines = read = read1 = readinto = readinto1 = readline = readlines = fileno = _closed
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+    def isatty(self):
+        return False
+
+    closed = False
+
+
+def _closed_standard_streams():
+    """Make closed standard streams safe to have (see the module doc); note them in
+    CLOSED_STREAMS. Does nothing (a few attribute reads) when all three are open."""
+    for fd, name in ((0, "stdin"), (1, "stdout"), (2, "stderr")):
+        if getattr(sys, name) is not None and not isinstance(getattr(sys, name), ClosedStream):
+            continue
+        CLOSED_STREAMS.add(name)
+        try:
+            os.fstat(fd)
+        except OSError:  # closed (not something else holding the number): hold it
+            try:
+                new = os.open(os.devnull, os.O_RDONLY if fd == 0 else os.O_WRONLY)
+                if new != fd:
+                    os.dup2(new, fd)  # (inheritable)
+                    os.close(new)
+                else:
+                    os.set_inheritable(fd, True)
+            except OSError:
+                pass
+        if name == "stderr":
+            # a job must work without it: what it would say goes nowhere (print(file=None)
+            # would write to stdout, which may be the tar stream)
+            sys.stderr = open(os.devnull, "w")
+        else:
+            setattr(sys, name, ClosedStream(name))
+
+
+def check_standard_streams(inputs=(), output=None):
+    """Raise a one-line TarprocError before any work when the command will read standard input
+    (`-` among `inputs`) or write its `output` to standard output (`-`, /dev/stdout...) and that
+    stream was closed when it started."""
+    if "stdin" in CLOSED_STREAMS and "-" in inputs:
+        raise TarprocError("standard input is closed (the input '-' is read from it)")
+    if "stdout" in CLOSED_STREAMS and output in ("-", "/dev/stdout", "/dev/fd/1", "/proc/self/fd/1"):
+        raise TarprocError(f"standard output is closed (the output {output!r} is written to it)")
+
+
 def run_main(prog, fn, argv=None, fast_exit=False):
     """Run `fn(argv)` as a command's body and exit with a status that tells the truth.
+
+    Any other exception than those a command raises on purpose (a bug, say) is reported too, as
+    one line naming its type; TARPROC_DEBUG=1 prints the traceback of whatever failed.
 
     `fast_exit` (for a console script, never for a caller in Python): end the process without
     the interpreter's teardown, see `exit_fast`.
     """
     signal.signal(signal.SIGTERM, _on_sigterm)
     _one_line_warnings(prog)
+    _closed_standard_streams()
+    failure = None  # the exception that ended the command, for TARPROC_DEBUG
     try:
         status = fn(argv)
-    except Terminated:
+    except Terminated as exc:
+        failure = exc
         error_line(prog, "terminated")
         status = 143
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        failure = exc
         error_line(prog, "interrupted")
         status = 130
-    except BrokenPipeError:
+    except BrokenPipeError as exc:
         # the reader went away (e.g. `| head`): stop quietly, as Unix filters do
+        failure = exc
         try:
             sys.stdout = open(os.devnull, "w")
         except OSError:
             pass
         status = 141
     except TarprocError as exc:
+        failure = exc
         error_line(prog, exc)
         status = 1
     except OSError as exc:
+        failure = exc
         error_line(prog, f"{exc.filename + ': ' if exc.filename else ''}{exc.strerror or exc}")
         status = 1
-    if os.environ.get("TARPROC_DEBUG") and status not in (0, None):
+    except Exception as exc:  # noqa: BLE001 - a bug: still one line, not a traceback
+        failure = exc
+        detail = str(exc)
+        error_line(prog, f"internal error: {type(exc).__name__}{': ' + detail if detail else ''}"
+                         " (TARPROC_DEBUG=1 shows the traceback)")
+        status = 1
+    if os.environ.get("TARPROC_DEBUG") and failure is not None:
         import traceback
-        traceback.print_exc()
+
+        # (printed here, after the except clauses: print_exc() would find no exception)
+        traceback.print_exception(type(failure), failure, failure.__traceback__)
     if fast_exit:
         exit_fast(status or 0)
     sys.exit(status or 0)
@@ -148,7 +250,7 @@ def add_cluster_options(parser):
     """`-c ADDRESS` (a running dask-scheduler) and `-j N` (local workers) for the Dask jobs."""
     parser.add_argument("-c", "--cluster", metavar="ADDRESS",
                         help="address of a running dask-scheduler (host:8786); default: start a local cluster")
-    parser.add_argument("-j", "--workers", type=_at_least_one, metavar="N",
+    parser.add_argument("-j", "--workers", type=at_least_one, metavar="N",
                         help="worker processes of the local cluster (default: one per core)")
 
 
@@ -163,7 +265,7 @@ def _whole_number(text, minimum):
     return value
 
 
-def _at_least_one(text):
+def at_least_one(text):
     """argparse type of a count of workers: a whole number, 1 or more."""
     return _whole_number(text, 1)
 
@@ -173,14 +275,23 @@ def at_least_zero(text):
     return _whole_number(text, 0)
 
 
+#: The longest time limit, in seconds (about 11.5 days): a command's wait is a poll() counting
+#: milliseconds in a C int, whose limit is 2**31 ms (about 24.8 days); "inf" or 1e30 would
+#: overflow it. No limit at all is what leaving the option out means.
+MAX_SECONDS = 1e6
+
+
 def positive_seconds(text):
-    """argparse type of a time limit: a number of seconds above zero."""
+    """argparse type of a time limit: a number of seconds above zero, at most MAX_SECONDS."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
     if not value > 0:  # (also NaN)
         raise argparse.ArgumentTypeError(f"must be more than 0 seconds: {text!r}")
+    if not value <= MAX_SECONDS:  # (also inf)
+        raise argparse.ArgumentTypeError(
+            f"must be at most {MAX_SECONDS:.0f} seconds (leave the option out for no limit): {text!r}")
     return value
 
 

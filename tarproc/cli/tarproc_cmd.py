@@ -6,9 +6,21 @@
 import argparse
 import sys
 
-from .common import HelpFormatter, error_line, positive_seconds, run_main, warning_line
+from .common import (HelpFormatter, at_least_one, check_standard_streams, error_line,
+                     positive_seconds, run_main, warning_line)
 
 PROG = "tarproc"
+
+#: The most samples in parallel (-p): one thread (-c, -s) or process (-P) each; more than the
+#: system lets a process start fails half-way ("can't start new thread"), so it is refused.
+MAX_PROCESSES = 1024
+
+#: Options that only a shell command or script uses (-c, -s): given with -P or without a command,
+#: they would be ignored, so they are refused. (option, attribute, the value when not given)
+SHELL_ONLY = (("--timeout", "timeout", None), ("--add-log", "add_log", None),
+              ("-b/--basename", "basename", None), ("-S/--subdirs", "subdirs", False),
+              ("--tmpdir", "tmpdir", None), ("--keep-dirs", "keep_dirs", False),
+              ("--shell", "shell", None))
 
 EPILOG = """\
 Each sample is unpacked into a fresh private temp dir as __key__, __source__ and sample.EXT files;
@@ -35,13 +47,14 @@ def build_parser():
     what.add_argument("-P", "--python", metavar="FILE.py",
                       help="Python file defining process_sample(sample) -> dict | list | None")
     p.add_argument("--interpreter", help="run --script with this interpreter instead of its shebang")
-    p.add_argument("--shell", default="bash", help="shell for -c (default: bash)")
-    p.add_argument("-b", "--basename", default="sample", help="base name of field files (default: sample)")
+    p.add_argument("--shell", help="shell for -c (default: bash)")
+    p.add_argument("-b", "--basename", help="base name of field files (default: sample)")
     p.add_argument("-S", "--subdirs", action="store_true",
                    help="each subdirectory with __key__ and sample.* files is one more output sample")
     p.add_argument("-o", "--output", metavar="URL", help="write the output tar here (- for stdout); "
                    "compressed by its name; default: results are dropped")
-    p.add_argument("-p", "--processes", type=int, default=1, metavar="N", help="samples in parallel (default 1)")
+    p.add_argument("-p", "--processes", type=_processes, default=1, metavar="N",
+                   help=f"samples in parallel (default 1, at most {MAX_PROCESSES})")
     p.add_argument("--unordered", action="store_true", help="write results as they finish (faster with -p)")
     p.add_argument("--count", type=int, metavar="N", help="stop after N input samples")
     p.add_argument("--errors", choices=["abort", "skip", "keep"], default="abort",
@@ -51,22 +64,44 @@ def build_parser():
     p.add_argument("--tmpdir", metavar="DIR", help="where per-sample dirs go (default: $TMPDIR if set, else /dev/shm if it has room, else /tmp)")
     p.add_argument("--keep-dirs", action="store_true", help="keep per-sample dirs (debugging)")
     p.add_argument("--strict", action="store_true", help="a sample split in two places is an error, not a warning")
-    p.add_argument("--max-member-size", type=int, metavar="BYTES", help="refuse tar members larger than this")
+    p.add_argument("--max-member-size", type=at_least_one, metavar="BYTES", help="refuse tar members larger than this")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
     return p
 
 
+def _processes(text):
+    """argparse type of -p: a whole number from 1 to MAX_PROCESSES."""
+    value = at_least_one(text)
+    if value > MAX_PROCESSES:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_PROCESSES}, not {value}")
+    return value
+
+
+def check_options(parser, args):
+    """Refuse, as a usage error (exit 2) before any work, options that would be ignored: those of
+    a shell command or script with -P or without a command, --interpreter without -s."""
+    if args.command is None and args.script is None:
+        what = "-P" if args.python is not None else "copying (no -c/-s)"
+        for option, name, unset in SHELL_ONLY:
+            if getattr(args, name) != unset:
+                parser.error(f"{option} applies to -c/-s only, not to {what}")
+    if args.interpreter is not None and args.script is None:
+        parser.error("--interpreter applies to -s only")
+
+
 def main_body(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_options(parser, args)
     from ..processing import make_runner, process_stream
     from ..errors import SampleFailed, TarprocError
 
-    if args.processes < 1:
-        raise TarprocError("-p must be at least 1")
     if args.count is not None and args.count < 0:
         raise TarprocError("--count must not be negative")
+    check_standard_streams(args.inputs, args.output)
     runner = make_runner(args.command, args.script, args.python, interpreter=args.interpreter,
-                         shell=args.shell, basename=args.basename, tmpdir=args.tmpdir,
+                         shell=args.shell or "bash", basename=args.basename or "sample",
+                         tmpdir=args.tmpdir,
                          timeout=args.timeout, subdirs=args.subdirs, add_log=args.add_log,
                          keep_dirs=args.keep_dirs)
     failures = []

@@ -29,9 +29,13 @@ input iterator and not yet yielded, including results held back to restore input
 Failures (:class:`SampleFailed`, :class:`UnsafeNameError`) follow ``errors``: ``"abort"`` stops
 the workers and raises the failure (the first in input order when ordered); ``"skip"`` yields an
 Outcome with no outputs; ``"keep"`` yields the input sample unchanged. Other exceptions (bugs,
-a full disk) always abort. Closing the pool — on completion, on error, on KeyboardInterrupt, or
-on SIGTERM, which it turns into ``SystemExit(143)`` while open — stops the workers, which kill
-their commands' process groups and remove their temp dirs first.
+a full disk) always abort; so does a KeyboardInterrupt or SystemExit that a runner lets through
+in a worker (raised again in the calling process, as at ``processes=1``). A worker process that
+ends without being asked to (``os._exit``, a segfault in user code, the OOM killer) is a
+:class:`WorkerDied` naming it and the samples it had. Closing the pool — on completion, on
+error, on KeyboardInterrupt, or on SIGTERM, which it turns into ``SignalExit(143)`` (a
+SystemExit) while open — stops the workers, which kill their commands' process groups and
+remove their temp dirs first.
 """
 
 from __future__ import annotations
@@ -44,10 +48,10 @@ import sys
 import threading
 import time
 
-from tarproc.errors import SampleFailed, UnsafeNameError
+from tarproc.errors import SampleFailed, TarprocError, UnsafeNameError
 from tarproc.runner.sampledir import Record
 
-__all__ = ["SamplePool", "Outcome", "PoolStats", "process_samples"]
+__all__ = ["SamplePool", "Outcome", "PoolStats", "process_samples", "SignalExit", "WorkerDied"]
 
 #: Largest number of samples in one batch sent to a worker.
 MAX_BATCH = 64
@@ -68,6 +72,46 @@ BYTES_IN_FLIGHT_PER_PROCESS = 64 << 20
 
 _FAILURES = (SampleFailed, UnsafeNameError)
 ERROR_POLICIES = ("abort", "skip", "keep")
+
+
+class SignalExit(SystemExit):
+    """The SystemExit that SIGTERM raises in a worker process, or in the calling process while a
+    pool is open: the end of the process. Runners tell it from a ``sys.exit()`` in user code,
+    which is a failure of the sample that was running (see PythonRunner)."""
+
+
+class WorkerDied(TarprocError):
+    """A worker process ended without being asked to (``os._exit`` or a crash in user code,
+    the OOM killer...). Its message names the process, how it ended and the samples it had
+    (see ``SamplePool.describe``); ``samples`` holds those descriptions."""
+
+    def __init__(self, message, pid=None, exitcode=None, samples=()):
+        super().__init__(message)
+        self.pid = pid
+        self.exitcode = exitcode
+        self.samples = list(samples)
+
+
+def _how_it_ended(exitcode):
+    """``"exit status 0"`` or ``"killed by signal 11 (SIGSEGV)"`` for a process's exit code."""
+    if exitcode is None:
+        return "exit status unknown"
+    if exitcode >= 0:
+        return f"exit status {exitcode}"
+    try:
+        name = f" ({signal.Signals(-exitcode).name})"
+    except ValueError:
+        name = ""
+    return f"killed by signal {-exitcode}{name}"
+
+
+def _describe_sample(item):
+    """The default ``describe`` of a pool: a sample dict's key, as repr; else None."""
+    if isinstance(item, dict):
+        key = item.get("__key__")
+        if key is not None:
+            return repr(key)
+    return None
 
 
 class Outcome(Record):
@@ -171,6 +215,10 @@ def _run_one(runner, item, index, decode, encode, keep, pack):
     kind 0: payload is the outputs (or their encoding); kind 1: a per-sample failure, payload
     ``(exception, kept input or None)``; kind 2: any other exception (the run must abort).
     Tuples rather than objects: they are what crosses the pipe from workers, cheaply.
+
+    In a worker (``pack``), a KeyboardInterrupt or SystemExit that the runner let through (user
+    code raised it: workers ignore SIGINT) is sent back as kind 2 too, for the calling process
+    to raise, rather than ending the worker with a traceback; SignalExit (SIGTERM) still ends it.
     """
     sample = item
     try:
@@ -181,6 +229,10 @@ def _run_one(runner, item, index, decode, encode, keep, pack):
         return _failed(exc, sample, index, encode, keep, pack)
     except Exception as exc:
         return (index, 2, _pack_exc(exc) if pack else exc, b"", b"", None, 0)
+    except BaseException as exc:
+        if not pack or isinstance(exc, SignalExit):
+            raise
+        return (index, 2, _pack_exc(exc), b"", b"", None, 0)
 
 
 def _done(r, sample, index, encode):
@@ -214,7 +266,7 @@ def _worker_main(conn, runner, options, inherited):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; it sends SIGTERM
 
     def _terminate(signum, frame):
-        raise SystemExit(128 + signum)
+        raise SignalExit(128 + signum)
 
     signal.signal(signal.SIGTERM, _terminate)
     _die_with_parent()
@@ -494,15 +546,18 @@ def _outstanding(w):
 
 
 class _Batch:
-    """Consecutive input samples sent to one worker as one message."""
+    """Consecutive input samples sent to one worker as one message. ``items``: the samples, kept
+    while the worker has them (to name them if it dies; they are in flight and counted so
+    anyway)."""
 
-    __slots__ = ("start", "count", "nbytes", "results")
+    __slots__ = ("start", "count", "nbytes", "results", "items")
 
     def __init__(self, start, count, nbytes):
         self.start = start
         self.count = count
         self.nbytes = nbytes
         self.results = None
+        self.items = None
 
 
 # ------------------------------------------------------------------------------ the pool
@@ -541,6 +596,12 @@ class SamplePool:
     every worker has that many. Long batches (chunks of many samples) want one more: a worker
     whose last answer has not been read yet (the calling process was running a batch) then
     still has one to run.
+
+    ``describe(item) -> str | None`` (runs in the calling process, only when a worker process
+    dies): how to name an input item in the :class:`WorkerDied` error; default: a sample dict's
+    ``__key__``. A worker that ends without being asked to (``os._exit``, a segfault, the OOM
+    killer) is a WorkerDied naming its pid, how it ended and the items it had, never a
+    traceback, nor a BrokenPipeError (which the commands take for a closed standard output).
     """
 
     def __init__(
@@ -560,6 +621,7 @@ class SamplePool:
         blocks=False,
         parent_works=False,
         queue_depth=BATCHES_PER_WORKER,
+        describe=None,
     ):
         if errors not in ERROR_POLICIES:
             raise ValueError(f"errors must be one of {ERROR_POLICIES}, not {errors!r}")
@@ -574,6 +636,7 @@ class SamplePool:
         self.blocks = bool(blocks) and encode is not None
         self.parent_works = bool(parent_works)
         self.queue_depth = max(1, int(queue_depth))
+        self.describe = describe or _describe_sample
         self.max_in_flight = max(1, max_in_flight or IN_FLIGHT_PER_PROCESS * self.processes)
         self.max_bytes_in_flight = max_bytes_in_flight or (
             BYTES_IN_FLIGHT_PER_PROCESS * self.processes
@@ -610,7 +673,7 @@ class SamplePool:
             return
 
         def _on_sigterm(signum, frame):
-            raise SystemExit(128 + signum)
+            raise SignalExit(128 + signum)
 
         self._old_sigterm = signal.signal(signal.SIGTERM, _on_sigterm)
 
@@ -641,7 +704,12 @@ class SamplePool:
                 name="tarproc-worker",
                 daemon=True,
             )
-            proc.start()
+            try:
+                proc.start()
+            except OSError as exc:  # (EAGAIN, ENOMEM: a limit on processes or memory)
+                raise TarprocError(
+                    f"cannot start worker process {len(self._workers) + 1} of "
+                    f"{self.processes} samples at once: {exc.strerror or exc}") from None
             child_end.close()
             self._workers.append(_Worker(proc, parent_end))
 
@@ -657,7 +725,12 @@ class SamplePool:
                 name=f"tarproc-runner-{i}",
                 daemon=True,
             )
-            t.start()
+            try:
+                t.start()
+            except RuntimeError as exc:  # "can't start new thread": a limit on threads or memory
+                raise TarprocError(
+                    f"cannot start runner thread {i + 1} of {self.processes} samples at once: "
+                    f"{exc}") from None
             self._threads.append(t)
 
     def _stop_threads(self):
@@ -973,7 +1046,11 @@ class SamplePool:
                         ran_here = batch
                         del items
                         break  # see what the workers have done meanwhile
-                    w.conn.send((batch.start, items))
+                    try:
+                        w.conn.send((batch.start, items))
+                    except OSError:  # (BrokenPipeError: the worker is gone)
+                        raise self._worker_died(w) from None
+                    batch.items = items
                     w.batches.append(batch)
                     del items
                 if in_flight == 0 and (exhausted or failing):
@@ -995,12 +1072,10 @@ class SamplePool:
                         try:
                             results, seconds = conn.recv()
                         except (EOFError, OSError):
-                            w.proc.join(0.5)
-                            raise RuntimeError(
-                                f"tarproc worker {w.proc.pid} died (exit code {w.proc.exitcode})"
-                            ) from None
+                            raise self._worker_died(w) from None
                         batch = w.batches.popleft()
                         batch.results = results
+                        batch.items = None
                         self._timed(batch, seconds)
                         for r in results:
                             if r[1] == 2 or (abort and r[1] == 1):
@@ -1023,6 +1098,32 @@ class SamplePool:
         except BaseException:
             self.close(abort=True)
             raise
+
+    def _worker_died(self, w):
+        """The WorkerDied error for worker ``w``, whose pipe broke: its pid, how it ended, and the
+        samples of the batches it had (it died running one of them, or sending its results)."""
+        w.proc.join(2.0)
+        samples = []
+        for batch in w.batches:
+            items = batch.items or ()
+            names = []
+            for item in (items[:1] if len(items) < 2 else (items[0], items[-1])):
+                try:
+                    names.append(self.describe(item))
+                except Exception:  # noqa: BLE001 - a name is a nicety, the error is the point
+                    names.append(None)
+            if None in names or not names:
+                last = batch.start + batch.count - 1
+                what = f"#{batch.start}" if last == batch.start else f"#{batch.start}-#{last}"
+            else:
+                what = " .. ".join(dict.fromkeys(names))  # (one name if first == last)
+            samples.append(what)
+        how = _how_it_ended(w.proc.exitcode)
+        message = f"a worker process (pid {w.proc.pid}) died ({how})"
+        if samples:
+            shown = ", ".join(samples[:4]) + (f" and {len(samples) - 4} more" if len(samples) > 4 else "")
+            message += f" while running sample(s) {shown}"
+        return WorkerDied(message, w.proc.pid, w.proc.exitcode, samples)
 
     def _timed(self, batch, seconds):
         """Update the estimate of one sample's processing time from a batch's."""

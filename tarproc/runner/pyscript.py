@@ -15,8 +15,16 @@ Results are normalised by :func:`normalize_result`:
   rather than a silent guess at an encoding;
 - other ``__meta__`` fields are kept as they are; the input's ``__url__`` is carried over when
   the output has none;
+- an output with no fields (``{}``, ``{"__key__": k}``: nothing to write) is dropped, as the
+  shell path drops a sample whose files are all gone, and counted so;
 - keys and field names are checked like member names (no ``..``, absolute paths, control
-  characters, ``/`` in a field name): UnsafeNameError.
+  characters, ``/`` in a field name): UnsafeNameError; a key, field name or str value that is
+  not valid Unicode text (a lone surrogate such as ``"\\udcff"``) cannot be written as UTF-8: a
+  SampleFailed naming the key and the field.
+
+``sys.exit()`` in process_sample is a failure of that sample like any exception (a script must
+not end the command, nor a ``-p N`` worker process); only the SystemExit that a pool raises on
+SIGTERM (:class:`~tarproc.runner.pool.SignalExit`) goes through.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import sys
 import types
 
 from tarproc.errors import SampleFailed, TarprocError, UnsafeNameError
+from tarproc.runner.pool import SignalExit
 from tarproc.runner.sampledir import SampleResult, check_ext, check_key
 
 __all__ = ["load_module", "load_process_sample", "normalize_result", "PythonRunner", "ScriptError"]
@@ -86,9 +95,14 @@ def load_process_sample(source, filename="<script>"):
 
 
 def _traceback_tail(exc, lines=10):
+    """The last ``lines`` lines of the traceback of ``exc``, raised by the user's code called
+    from PythonRunner.run: without run's own frame, which says nothing to the user."""
     import traceback  # only on errors: ~4 ms of every start otherwise
 
-    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    tb = exc.__traceback__
+    if tb is not None and tb.tb_next is not None and tb.tb_frame.f_code is PythonRunner.run.__code__:
+        tb = tb.tb_next
+    text = "".join(traceback.format_exception(type(exc), exc, tb))
     return "\n".join(text.rstrip("\n").split("\n")[-lines:])
 
 
@@ -99,7 +113,17 @@ def _fail(msg, key, status="badresult"):
     return SampleFailed(msg, key=key, status=status)
 
 
+def _not_text(text):
+    """True if ``text`` (a str) cannot be encoded as UTF-8 (it holds a lone surrogate)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def _one(result, in_key, url, allow_default_key, owned=False):
+    """One output dict as it is written, or None if it has no field (a dropped output)."""
     if not isinstance(result, dict):
         raise _fail(
             f"sample {in_key!r}: process_sample returned a list holding "
@@ -123,30 +147,58 @@ def _one(result, in_key, url, allow_default_key, owned=False):
             in_key,
         )
     check_key(key, f"sample {in_key!r}: key returned by process_sample")
+    if not key.isascii() and _not_text(key):  # (isascii: a flag of the str, no scan)
+        raise _fail(
+            f"sample {in_key!r}: key {key!r} returned by process_sample is not valid Unicode "
+            "text (a lone surrogate)",
+            in_key,
+        )
     fixed = None
-    for name, value in out.items():
-        if value.__class__ is bytes and name in _SAFE_EXTS:
-            continue  # the common case: a field name seen before, bytes
-        if name[:2] == "__":
-            continue
-        if value.__class__ is not bytes:
-            if isinstance(value, str):
-                value = value.encode("utf-8")
-            elif isinstance(value, (bytes, bytearray, memoryview)):
-                value = bytes(value)
-            else:
-                raise _fail(
-                    f"sample {key!r}: field {name!r} is {type(value).__name__}, "
-                    "not bytes or str",
-                    key,
-                )
-            if fixed is None:
-                fixed = []
-            fixed.append((name, value))
-        if name not in _SAFE_EXTS:
+    meta = 0  # "__" names: an output with nothing else has no field to write
+    try:
+        for name, value in out.items():
+            if value.__class__ is bytes and name in _SAFE_EXTS:
+                continue  # the common case: a field name seen before, bytes
+            if name[:2] == "__":
+                meta += 1
+                continue
+            if value.__class__ is not bytes:
+                if isinstance(value, str):
+                    try:
+                        value = value.encode("utf-8")
+                    except UnicodeEncodeError:
+                        raise _fail(
+                            f"sample {key!r}: field {name!r} is a str that is not valid Unicode "
+                            "text (a lone surrogate); return bytes for binary data",
+                            key,
+                        ) from None
+                elif isinstance(value, (bytes, bytearray, memoryview)):
+                    value = bytes(value)
+                else:
+                    raise _fail(
+                        f"sample {key!r}: field {name!r} is {type(value).__name__}, "
+                        "not bytes or str",
+                        key,
+                    )
+                if fixed is None:
+                    fixed = []
+                fixed.append((name, value))
+            if name not in _SAFE_EXTS:
+                check_ext(name, key)
+                if not name.isascii() and _not_text(name):
+                    raise _fail(
+                        f"sample {key!r}: field name {name!r} is not valid Unicode text "
+                        "(a lone surrogate)",
+                        key,
+                    )
+                if len(_SAFE_EXTS) < 4096:
+                    _SAFE_EXTS.add(name)
+    except TypeError:  # a field name that cannot be sliced (name[:2]): not a str
+        for name in out:
             check_ext(name, key)
-            if len(_SAFE_EXTS) < 4096:
-                _SAFE_EXTS.add(name)
+        raise
+    if meta == len(out):
+        return None  # nothing to write: dropped (see module doc)
     if fixed:
         out.update(fixed)
     if url is not None and "__url__" not in out:
@@ -159,16 +211,21 @@ def normalize_result(result, in_sample, owned=None):
 
     ``owned`` is a dict the caller made for this call only (the copy it passed to the user's
     function): if that is what came back, it is used as is instead of being copied again.
+    Outputs without any field are left out (an empty list: the sample is dropped).
     """
     in_key = in_sample.get("__key__")
     url = in_sample.get("__url__")
     if result is None:
         return []
     if isinstance(result, dict):
-        return [_one(result, in_key, url, True, result is owned)]
+        out = _one(result, in_key, url, True, result is owned)
+        return [] if out is None else [out]
     if isinstance(result, (list, tuple)):
         single = len(result) == 1
-        return [_one(r, in_key, url, single) for r in result]
+        outs = [_one(r, in_key, url, single) for r in result]
+        if None in outs:
+            outs = [out for out in outs if out is not None]
+        return outs
     raise _fail(
         f"sample {in_key!r}: process_sample returned {type(result).__name__}; "
         "expected dict, list of dicts or None",
@@ -207,8 +264,8 @@ class PythonRunner:
 
     Picklable: it carries the source text and compiles it lazily, once per process. What the code
     prints to ``sys.stdout``/``sys.stderr`` is captured per sample into the result (writes made
-    below Python, to file descriptors 1 and 2, are not). An exception in the user code becomes a
-    SampleFailed (status ``"exception"``) with the traceback's tail. The function receives a
+    below Python, to file descriptors 1 and 2, are not). An exception in the user code, or a
+    ``sys.exit()``, becomes a SampleFailed (status ``"exception"``) with the traceback's tail. The function receives a
     shallow copy of the sample, so the input stays unchanged for ``errors="keep"``.
     """
 
@@ -257,8 +314,10 @@ class PythonRunner:
         arg = dict(sample)
         try:
             result = fn(arg)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # sys.exit() too: see the module doc
             sys.stdout, sys.stderr = saved_out, saved_err
+            if isinstance(exc, SignalExit):
+                raise
             key = sample.get("__key__")
             stderr = err.take()
             tail = _traceback_tail(exc)
@@ -273,7 +332,7 @@ class PythonRunner:
                 ),
             )
             failed.stdout = out.take()
-            failed.stderr = stderr + tail.encode("utf-8", "replace")
+            failed.stderr = stderr + tail.encode("utf-8", "replace") + b"\n"  # (whole lines)
             raise failed from None
         finally:
             if sys.stdout is out:
