@@ -497,7 +497,8 @@ def test_member_larger_than_limit():
     assert len(list(iter_samples(io.BytesIO(data), max_member_size=5000))) == 2
 
 
-@pytest.mark.parametrize("name", ["../x.txt", "/etc/passwd", "a/../../b.txt", "a\nb.txt", "ok/..\\..x/../y.txt"])
+@pytest.mark.parametrize("name", ["../x.txt", "/etc/passwd", "a/../../b.txt", "a\nb.txt", "ok/..\\..x/../y.txt",
+                                  "k\udcff.txt"])  # (bytes that are not UTF-8)
 def test_unsafe_names(name):
     data = hostile_tar(["good.txt", name, "after.txt"])
     with pytest.raises(UnsafeNameError) as e:
@@ -514,6 +515,11 @@ def test_unsafe_pax_and_gnu_names():
         data = hostile_tar(["../" + "z" * 150 + ".txt"], fmt)
         with pytest.raises(UnsafeNameError, match="evil.tar"):
             list(iter_members(io.BytesIO(data), "evil.tar"))
+        data = hostile_tar(["k\udcff" + "z" * 150 + ".txt", "ü" * 60 + ".txt"], fmt)
+        with pytest.raises(UnsafeNameError, match=r"evil.tar: member 'k\\udcffz+\.txt'.*\(not UTF-8\)"):
+            list(iter_members(io.BytesIO(data), "evil.tar"))
+        with pytest.warns(TarioWarning, match="not UTF-8"):
+            assert [s["__key__"] for s in iter_samples(io.BytesIO(data), unsafe="skip")] == ["ü" * 60]
 
 
 def test_trailing_garbage_warns():

@@ -6,12 +6,15 @@ __all__ = ["unsafe_reason", "split_name", "is_meta_name"]
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _META = re.compile(r"__[^/]*__($|/)")
+_SURROGATE = re.compile("[\udc80-\udcff]")
 
 
 def unsafe_reason(name):
     """Why ``name`` could escape an extraction directory or mislead a terminal, or None if safe.
 
-    Unsafe: empty, absolute, a ``..`` path component, or control characters (newlines, escapes).
+    Unsafe: empty, absolute, a ``..`` path component, control characters (newlines, escapes),
+    or bytes that are not UTF-8 (read as surrogate escapes): keys become file contents, command
+    environments and member names of the UTF-8 pax headers we write, which cannot carry them.
     """
     if not name:
         return "empty name"
@@ -21,6 +24,8 @@ def unsafe_reason(name):
         return "'..' path component"
     if _CONTROL.search(name):
         return "control character in name"
+    if _SURROGATE.search(name):
+        return "not UTF-8"
     return None
 
 
