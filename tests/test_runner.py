@@ -645,6 +645,12 @@ def test_dir_removed_while_prepared_fails_the_sample_by_name(base, monkeypatch):
     r.close()
 
 
+@pytest.mark.parametrize("timeout", [0, -1, float("nan"), float("inf"), 1e30])
+def test_timeout_out_of_range_is_refused(timeout):
+    with pytest.raises(ValueError, match="timeout must be more than 0 and at most 1000000 seconds"):
+        ShellRunner("true", timeout=timeout)
+
+
 def _utime_files_only(utime):
     """os.utime that leaves directories' times alone (so the sample dir is never marked)."""
     import stat as stat_mod

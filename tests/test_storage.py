@@ -417,6 +417,15 @@ def test_flaky_put_failure_leaves_no_object(flaky_http_server, payload, failure)
 # s3 (moto) and gs (emulator)
 
 
+def test_standard_streams_closed_in_python_are_one_line_errors(monkeypatch):
+    monkeypatch.setattr(sys, "stdin", None)
+    monkeypatch.setattr(sys, "stdout", None)
+    with pytest.raises(StorageError, match="^cannot read -: standard input is closed$"):
+        storage.open_read("-")
+    with pytest.raises(StorageError, match="^cannot write -: standard output is closed$"):
+        storage.open_write("-")
+
+
 def test_write_below_a_file_names_the_file(tmp_path):
     (tmp_path / "f.tar").write_bytes(b"x")
     for target in (tmp_path / "f.tar" / "o.tar", tmp_path / "f.tar" / "a" / "b" / "o.tar"):

@@ -407,6 +407,10 @@ def _refill(fd, data, mtime_ns, mode, uid):
     return st.st_ino
 
 
+#: The longest per-sample time limit, in seconds (~11.5 days; the CLIs' --timeout has the same):
+#: the wait for a command polls in milliseconds held in a C int (at most ~24.8 days).
+MAX_TIMEOUT = 1e6
+
 #: The most bytes of ``__key__`` read back: a key is a tar member name, never this long.
 MAX_KEY_BYTES = 65536
 
@@ -557,8 +561,9 @@ class ShellRunner:
             raise ValueError(f"basename may not start with '__': {basename!r}")
         if add_log is not None:
             check_ext(add_log)
-        if timeout is not None and timeout <= 0:
-            raise ValueError("timeout must be positive")
+        if timeout is not None and not 0 < timeout <= MAX_TIMEOUT:
+            raise ValueError(f"timeout must be more than 0 and at most {MAX_TIMEOUT:.0f} seconds, "
+                             f"not {timeout!r} (None: no limit)")
         self.command = command
         self.script_name = None
         self.script_bytes = None

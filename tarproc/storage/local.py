@@ -186,6 +186,8 @@ class _StdinReader(io.RawIOBase):
 
     def __init__(self):
         super().__init__()
+        if sys.stdin is None:  # (`<&-`: Python sets it to None)
+            raise fail("cannot read", "-", "standard input is closed")
         self._stream = sys.stdin.buffer
 
     def readable(self):
@@ -225,6 +227,8 @@ class StdoutWriter(Writer):
 
     def __init__(self):
         super().__init__("-")
+        if sys.stdout is None:  # (`>&-`: Python sets it to None)
+            raise fail("cannot write", "-", "standard output is closed")
         self.stream = full_writer(sys.stdout.buffer)
 
     def _write(self, data):
