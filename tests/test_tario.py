@@ -522,6 +522,36 @@ def test_unsafe_pax_and_gnu_names():
             assert [s["__key__"] for s in iter_samples(io.BytesIO(data), unsafe="skip")] == ["ü" * 60]
 
 
+@pytest.mark.parametrize("kind", ["link", "noext"])
+def test_members_skipped_past_the_warnings_limit_are_tallied(kind):
+    """However many members are skipped, the total is said: ten warnings, "further ... not
+    reported", then one line with the count."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as t:
+        for i in range(25):
+            if kind == "link":
+                ti = tarfile.TarInfo(f"l{i:02d}.txt")
+                ti.type, ti.linkname = tarfile.SYMTYPE, "/etc/passwd"
+                t.addfile(ti)
+            else:
+                ti = tarfile.TarInfo(f"noext{i:02d}")
+                ti.size = 1
+                t.addfile(ti, io.BytesIO(b"x"))
+        ti = tarfile.TarInfo("good.txt")
+        ti.size = 1
+        t.addfile(ti, io.BytesIO(b"g"))
+    for read in (iter_samples, iter_members):
+        if read is iter_members and kind == "noext":
+            continue
+        with pytest.warns(TarioWarning) as record:
+            got = list(read(io.BytesIO(buf.getvalue()), "many.tar"))
+        assert len(got) == 1
+        messages = [str(w.message) for w in record]
+        assert len(messages) == 12 and "not reported" in messages[10]
+        assert messages[11] == ("many.tar: 25 members skipped in all (links, special files, unsafe names)"
+                                if kind == "link" else "many.tar: 25 members without extension skipped in all")
+
+
 def test_trailing_garbage_warns():
     data = write_bytes(SAMPLES[:2]) + b"garbage"
     with pytest.warns(TarioWarning, match="after the end-of-archive"):
@@ -1327,6 +1357,8 @@ def reference_samples(fileobj, url="-", strict=False, max_member_size=None, unsa
         if ext in sample:
             raise FormatError(f"{url}: sample {k!r} has extension {ext!r} twice (member {name!r})")
         sample[ext] = data
+    if nnokey > 10:
+        warnings.warn(f"{url}: {nnokey} members without extension skipped in all", TarioWarning)
     if sample is not None:
         yield sample
 

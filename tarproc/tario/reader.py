@@ -228,6 +228,7 @@ def _members(read, readinto, url, max_member_size, unsafe, buf=b"", base=0, dire
     sample = None
     key = None
     blocks = None
+    whole = state is None  # the whole stream (not a chunk of it): tally what was skipped at its end
     if state is None:
         state = StreamState()
     seen = state.seen
@@ -738,6 +739,8 @@ def _members(read, readinto, url, max_member_size, unsafe, buf=b"", base=0, dire
     # --- end of archive: check the rest of the stream is only padding ---
     if _trailing_data(buf[pos:], read, eof):
         warn(f"{url}: data after the end-of-archive block ignored")
+    if whole:
+        _tally(warn, url, nwarn, nnokey)
     seen._count = nseen
     state.nsplit, state.nnokey, state.nwarn, state.last = nsplit, nnokey, nwarn, last
     if sample is not None:
@@ -1041,6 +1044,16 @@ def iter_raw_samples(fileobj, url="-", *, strict=False, max_member_size=None, un
     # --- end of archive: check the rest of the stream is only padding ---
     if _trailing_data(buf[pos:], read, eof):
         _warn(f"{url}: data after the end-of-archive block ignored")
+    _tally(_warn, url, nwarn, nnokey)
+
+
+def _tally(warn, url, nwarn, nnokey):
+    """Past the warnings' limit per kind, how many members were skipped in all: none goes
+    unsaid, however many there were."""
+    if nwarn > _MAX_WARNINGS:
+        warn(f"{url}: {nwarn} members skipped in all (links, special files, unsafe names)")
+    if nnokey > _MAX_WARNINGS:
+        warn(f"{url}: {nnokey} members without extension skipped in all")
 
 
 # The sample iter_samples yields, while it is out, if it is exactly what TarWriter (mtime 0)
