@@ -587,7 +587,13 @@ def _reduce_outputs(reduce_fn, key, first, group, check):
     except Exception as exc:
         raise ReshardError(f"reduce_samples failed on key {key!r}: {type(exc).__name__}: {exc}") from exc
     pseudo = {"__key__": first["__key__"] if isinstance(first.get("__key__"), str) else str(key)}
-    outputs = normalize_result(_as_result(result), pseudo)
+    try:
+        outputs = normalize_result(_as_result(result), pseudo)
+    except TarprocError as exc:
+        # (worded for process_sample and an input sample: say which reduce and group instead)
+        message = str(exc).replace(f"sample {pseudo['__key__']!r}: ", "", 1)
+        raise ReshardError(f"reduce_samples on key {key!r}: "
+                           f"{message.replace('process_sample', 'reduce_samples')}") from None
     src, pos, _ = first["__order__"]
     for sub, out in enumerate(outputs):
         out.pop("__url__", None)

@@ -105,8 +105,16 @@ def expand_inputs(patterns):
     A glob that matches nothing is an error; so is an empty result. `-` and `pipe:` pass as is,
     and so does a local path that names an existing file as it is (`c@2.tgz`).
     """
-    if isinstance(patterns, str):
+    import os
+
+    if isinstance(patterns, (str, os.PathLike)):
         patterns = [patterns]
+    elif not isinstance(patterns, (list, tuple)):
+        patterns = list(patterns)
+    patterns = [os.fspath(p) if isinstance(p, os.PathLike) else p for p in patterns]
+    for p in patterns:
+        if not isinstance(p, str):
+            raise TypeError(f"an input is a URL, a path or a shard pattern, not {type(p).__name__}")
     urls = []
     for pattern in patterns:
         if pattern == "-" or pattern.startswith("pipe:") or _existing_file(pattern):
@@ -156,7 +164,9 @@ def printf_name(pattern, index):
 
 def expand_outputs(pattern, count=None):
     """Output URLs for a pattern; with `count`, check that it names exactly that many shards."""
-    names = expand(pattern)
+    import os
+
+    names = expand(os.fspath(pattern))
     if count is not None and len(names) != count:
         raise PatternError(
             f"{pattern}: names {len(names)} output shard(s) but there are {count} input shard(s)"

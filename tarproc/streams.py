@@ -30,7 +30,8 @@ def iter_raw_samples(source, *, strict=False, count=None, max_member_size=None, 
 
 
 def iter_samples(source, *, strict=False, count=None, max_member_size=None, unsafe="error"):
-    """Yield the samples of a URL, a shard pattern, or a list of them, read one after another.
+    """Yield the samples of a URL, a shard pattern, or a list of them, read one after another;
+    or of an open binary file object (its name, if any, is the samples' `__url__`).
 
     Each sample is a dict with `__key__`, `__url__` (the shard it came from, `-` for stdin) and one
     bytes value per extension. `count` stops after that many samples in all.
@@ -38,8 +39,13 @@ def iter_samples(source, *, strict=False, count=None, max_member_size=None, unsa
     seen = 0
     if count is not None and count <= 0:
         return
-    for url in _input_urls(source):
-        with storage.open_read(url) as raw:
+    if hasattr(source, "read"):
+        name = getattr(source, "name", None)
+        opened = [(name if isinstance(name, str) else "-", source)]
+    else:
+        opened = ((url, None) for url in _input_urls(source))
+    for url, fileobj in opened:
+        with (storage.open_read(url) if fileobj is None else _Borrowed(fileobj)) as raw:
             # (the reader recognises the compression itself, from magic bytes)
             for sample in tario.iter_samples(raw, url=url, strict=strict,
                                              max_member_size=max_member_size, unsafe=unsafe):
@@ -47,6 +53,19 @@ def iter_samples(source, *, strict=False, count=None, max_member_size=None, unsa
                 seen += 1
                 if count is not None and seen >= count:
                     return
+
+
+class _Borrowed:
+    """A caller's file object in a ``with``: left open at the end (it is the caller's)."""
+
+    def __init__(self, fileobj):
+        self.fileobj = fileobj
+
+    def __enter__(self):
+        return self.fileobj
+
+    def __exit__(self, *exc):
+        return False
 
 
 def _input_urls(source):
@@ -125,12 +144,15 @@ class SampleWriter(_CommitOnExit):
 
     def write(self, sample):
         """Append one sample; DuplicateKeyError (naming this output) if its key is the key of
-        the sample written just before it."""
+        the sample written just before it. A sample without fields writes nothing and is not
+        counted."""
+        tar = self._tar
+        before = tar.samples
         try:
-            self._tar.write(sample)
+            tar.write(sample)
         except DuplicateKeyError as exc:
             raise self.named(exc) from None
-        self.count += 1
+        self.count += tar.samples - before
 
     def write_raw(self, data, count=1, keys=None):
         """Append ``count`` samples already encoded as tar members (``tario.encode_samples``);
@@ -213,10 +235,16 @@ class ShardWriter(_CommitOnExit):
     `pattern` is printf-style (`out/ds-%06d.tar`) or `{}`-style (`out/ds-{:06d}.tar`). Every shard
     is committed atomically as soon as it is full; `shards` lists what was written, as dicts of
     url, count, bytes and sha256 (a manifest). Like WebDataset's ShardWriter, but atomic and for
-    any storage URL.
+    any storage URL. `maxcount=None` / `maxsize=None`: no limit of that kind; `maxsize` may be
+    a size such as "1GB". Writing after `close` is an error (the sample would be lost).
     """
 
     def __init__(self, pattern, maxcount=100_000, maxsize=3e9, start=0, compression="auto"):
+        import os
+
+        from .tarutils import parse_size
+
+        pattern = os.fspath(pattern)
         fields = _number_fields(pattern)
         if fields != 1:
             raise TarprocError(
@@ -224,11 +252,12 @@ class ShardWriter(_CommitOnExit):
                 ": it needs exactly one, such as ds-%06d.tar or ds-{:06d}.tar")
         if maxcount is not None and maxcount < 1:
             raise TarprocError(f"the most samples per shard must be at least 1, not {maxcount}")
-        if maxsize is not None and not maxsize > 0:
-            raise TarprocError(f"the most bytes per shard must be more than 0, not {maxsize}")
+        if maxsize is not None:
+            maxsize = parse_size(maxsize)
         self.pattern = pattern
-        self.maxcount = maxcount
-        self.maxsize = maxsize
+        self.maxcount = maxcount if maxcount is not None else float("inf")
+        self.maxsize = maxsize if maxsize is not None else float("inf")
+        self.closed = False
         self.index = start
         self.compression = compression
         self.shards = []
@@ -241,6 +270,10 @@ class ShardWriter(_CommitOnExit):
         return self.pattern.format(index)
 
     def write(self, sample):
+        if self.closed:
+            raise ValueError(f"write to a closed ShardWriter ({self.pattern})")
+        if all(k[:2] == "__" for k in sample):
+            return  # no fields: nothing to write (and no shard to open for it)
         size = sum(len(v) for k, v in sample.items() if not k.startswith("__") and isinstance(v, (bytes, str)))
         if self._sink is not None and (self._sink.count >= self.maxcount
                                        or self._raw_size + size > self.maxsize):
@@ -258,10 +291,12 @@ class ShardWriter(_CommitOnExit):
         self.shards.append({"url": sink.url, "count": sink.count, "bytes": sink.nbytes, "sha256": sink.sha256})
 
     def close(self):
+        self.closed = True
         if self._sink is not None:
             self._finish()
 
     def abort(self):
+        self.closed = True
         if self._sink is not None:
             self._sink.abort()
             self._sink = None

@@ -174,8 +174,7 @@ def split(sources, pattern, maxcount=None, maxsize=None, count=None, skip=0, sta
 
     if maxcount is None and maxsize is None:
         raise TarprocError("give --maxcount and/or --maxsize to say where to split")
-    writer = ShardWriter(pattern, maxcount=float("inf") if maxcount is None else maxcount,
-                         maxsize=float("inf") if maxsize is None else maxsize, start=start,
+    writer = ShardWriter(pattern, maxcount=maxcount, maxsize=maxsize, start=start,
                          compression=compression)
     with writer:
         for sample in _window(iter_samples(sources), skip, count):

@@ -159,3 +159,79 @@ def test_map_shards_counts_outputs_without_fields_as_dropped(imagenet_dir, tmp_p
 
 def keys_of_first(imagenet_dir):
     return [s["__key__"] for s in tarproc.iter_samples(str(imagenet_dir / "imagenet_train-0000.tgz"))]
+
+
+def test_writer_edges_lose_nothing_and_merge_nothing(tmp_path):
+    """A sample refused half-way leaves none of its fields; a sample without fields is neither
+    written nor counted, and does not part two samples of one key; writing after close fails."""
+    import subprocess
+
+    from tarproc.errors import DuplicateKeyError
+
+    out = str(tmp_path / "part-%03d.tar")
+    sink = tarproc.ShardWriter(out, maxcount=10)
+    sink.write({"__key__": "a", "txt": b"1"})
+    with pytest.raises(TypeError, match="key 'z': value of 'cls' is int"):
+        sink.write({"__key__": "z", "a": b"ok", "cls": 3})
+    with pytest.raises(ValueError, match="key 'y': value of 'txt' is not valid Unicode"):
+        sink.write({"__key__": "y", "a": b"ok", "txt": "\udcff"})
+    sink.write({"__key__": "c", "txt": b"1"})
+    sink.close()
+    names = subprocess.run(["tar", "tf", str(tmp_path / "part-000.tar")], capture_output=True,
+                           text=True, check=True).stdout.split()
+    assert names == ["a.txt", "c.txt"] and sink.shards[0]["count"] == 2
+    with pytest.raises(ValueError, match="write to a closed ShardWriter"):
+        sink.write({"__key__": "d", "txt": b"2"})
+    with pytest.raises(DuplicateKeyError, match="'a'"):
+        tarproc.write_samples(str(tmp_path / "m.tar"),
+                              [{"__key__": "a", "txt": b"1"}, {"__key__": "b"}, {"__key__": "a", "cls": b"2"}])
+    assert not (tmp_path / "m.tar").exists()
+    assert tarproc.write_samples(str(tmp_path / "n.tar"), [{"__key__": "a"}, {"__key__": "a", "txt": b"1"},
+                                                           {"__key__": "b", "__url__": "x"}])[0] == 1
+
+
+def test_shardwriter_limits_and_paths(tmp_path):
+    import pathlib
+
+    with tarproc.ShardWriter(tmp_path / "s-%03d.tar", maxcount=None, maxsize="1kB") as sink:
+        for i in range(3):
+            sink.write({"__key__": f"k{i}", "txt": b"x" * 600})
+    assert [d["count"] for d in sink.shards] == [1, 1, 1]
+    with tarproc.ShardWriter(str(tmp_path / "t-%03d.tar"), maxcount=2, maxsize=None) as sink:
+        for i in range(5):
+            sink.write({"__key__": f"k{i}", "txt": b"x" * 600})
+    assert [d["count"] for d in sink.shards] == [2, 2, 1]
+    path = pathlib.Path(sink.shards[0]["url"])
+    assert len(list(tarproc.iter_samples(path))) == 2
+    assert len(list(tarproc.iter_samples([path, str(path)]))) == 4
+    with open(path, "rb") as f:
+        got = list(tarproc.iter_samples(f))
+        assert not f.closed  # the caller's file stays the caller's
+    assert [s["__key__"] for s in got] == ["k0", "k1"] and got[0]["__url__"] == str(path)
+    with pytest.raises(TypeError, match="not int"):
+        list(tarproc.iter_samples([3]))
+
+
+def test_map_shards_refuses_what_is_neither_callable_nor_path(tmp_path):
+    log = open(tmp_path / "app.log", "w")
+    with pytest.raises(TypeError, match="process_sample must be a callable or the path of a Python file, not int"):
+        tarproc.map_shards(str(tmp_path / "in-@2.tar"), str(tmp_path / "o-@2.tar"), log.fileno())
+    log.write("still open\n")
+    log.close()
+
+
+class DottedKeys(tarproc.MapReduce):
+    def map(self, sample):
+        yield "e.g", 1
+
+    def reduce(self, key, values):
+        return {"__key__": key, "count": str(sum(values)).encode()}
+
+
+def test_mapreduce_bad_output_key_names_the_reduce_and_the_group(words_dir, tmp_path):
+    r = DottedKeys().run(str(words_dir / "words-@8.tar"), str(tmp_path / "wc-@2.tar"), workers=1,
+                         progress=False, retries=0)
+    assert not r.ok
+    message = r.failed[0][1]
+    assert "reduce_samples on key 'e.g': key returned by reduce_samples 'e.g' refused" in message
+    assert "process_sample" not in message

@@ -154,7 +154,12 @@ def make_runner(process_sample=None, command=None, **shell_options):
         _ship_by_value(process_sample)
         return _make(process_sample=process_sample)
     if process_sample is not None:
-        return _make(python=process_sample)
+        import os
+
+        if not isinstance(process_sample, (str, os.PathLike)):  # (an int would open a descriptor)
+            raise TypeError(f"process_sample must be a callable or the path of a Python file, "
+                            f"not {type(process_sample).__name__}")
+        return _make(python=os.fspath(process_sample))
     if command is not None:
         return _make(command, **shell_options)
     return None

@@ -140,7 +140,9 @@ class TarWriter:
 
         Values must be bytes-like or str (written as UTF-8). Raises ValueError for a missing or
         unusable key or extension (one that would not read back as the same sample),
-        UnsafeNameError for names that could escape a directory, TypeError for other values.
+        UnsafeNameError for names that could escape a directory, TypeError for other values;
+        then nothing of the sample is written. A sample without fields writes nothing and is
+        not counted (nor is its key: what comes next is judged against the last key written).
         """
         if self._closed:
             raise ValueError("write to a closed TarWriter")
@@ -199,8 +201,6 @@ class TarWriter:
             reason = unsafe_reason(key)
             if reason is not None:
                 raise UnsafeNameError(f"key {key!r}: unsafe member name ({reason})")
-        if key == self.last_key:
-            raise _duplicate(key)
         # With a key like that, "KEY.EXT" splits back into KEY and EXT for any EXT without '/',
         # and is safe if KEY is and EXT has no control characters.
         # The extensions in sorted order. Samples read from one shard mostly have the same keys
@@ -222,18 +222,13 @@ class TarWriter:
             key_raw = key.encode("utf-8") + b"."
         except UnicodeEncodeError:
             raise ValueError(f"key {key!r} is not valid Unicode text") from None
-        parts = self._parts
-        const = self._const0 + sum(key_raw)
-        room = 100 - len(key_raw) if key_raw.isascii() else -1  # longest extension of a plain name
-        mid = self._mid
-        mtime_field = self._mtime_field
         exts = self._exts
-        vector = self._fd is not None
-        added = 0
+        # Every field is checked (and made bytes) before any member is written: a sample
+        # refused half-way would leave its first fields behind, to read back as a sample.
+        fields = []
         for ext in order:
             value = values[ext]
-            known = exts.get(ext)
-            if known is None:
+            if ext not in exts:
                 if "/" in ext:
                     raise ValueError(f"key {key!r}: extension {ext!r} contains '/'")
                 if not ext.isprintable() and unsafe_reason(ext) is not None:
@@ -241,7 +236,10 @@ class TarWriter:
             tv = type(value)
             if tv is not bytes:
                 if tv is str:
-                    value = value.encode("utf-8")
+                    try:
+                        value = value.encode("utf-8")
+                    except UnicodeEncodeError:
+                        raise ValueError(f"key {key!r}: value of {ext!r} is not valid Unicode text") from None
                 elif tv is bytearray:
                     value = bytes(value)
                 elif tv is memoryview:
@@ -250,6 +248,20 @@ class TarWriter:
                     raise TypeError(
                         f"key {key!r}: value of {ext!r} is {tv.__name__}, not bytes or str"
                     )
+            fields.append((ext, value))
+        if not fields:
+            return
+        if key == self.last_key:
+            raise _duplicate(key)
+        parts = self._parts
+        const = self._const0 + sum(key_raw)
+        room = 100 - len(key_raw) if key_raw.isascii() else -1  # longest extension of a plain name
+        mid = self._mid
+        mtime_field = self._mtime_field
+        vector = self._fd is not None
+        added = 0
+        for ext, value in fields:
+            known = exts.get(ext)
             size = len(value)
             if known is None:
                 ext_raw = ext.encode("utf-8", "surrogatepass")
