@@ -267,6 +267,7 @@ def _process_chunks(inputs, sink, runner, processes, errors, read_options, emit,
                     queue_depth=3, describe=_Chunk.describe) as pool:
         for url in shards.expand_inputs(inputs):
             with storage.open_read(url) as raw:
+                url = storage.redact(url)  # what samples and messages name from here on
                 stream = tario.open_decompressed(raw, url)
                 read = stream.read
                 state = tario_reader.StreamState()

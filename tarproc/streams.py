@@ -21,9 +21,10 @@ def iter_raw_samples(source, *, strict=False, count=None, max_member_size=None, 
         return
     for url in _input_urls(source):
         with storage.open_read(url) as raw:
+            shown = storage.redact(url)  # (what samples and messages name: no credentials)
             for offset, data, nbytes in tario.iter_raw_samples(
-                    raw, url=url, strict=strict, max_member_size=max_member_size, unsafe=unsafe):
-                yield url, offset, data, nbytes
+                    raw, url=shown, strict=strict, max_member_size=max_member_size, unsafe=unsafe):
+                yield shown, offset, data, nbytes
                 seen += 1
                 if count is not None and seen >= count:
                     return
@@ -46,8 +47,9 @@ def iter_samples(source, *, strict=False, count=None, max_member_size=None, unsa
         opened = ((url, None) for url in _input_urls(source))
     for url, fileobj in opened:
         with (storage.open_read(url) if fileobj is None else _Borrowed(fileobj)) as raw:
-            # (the reader recognises the compression itself, from magic bytes)
-            for sample in tario.iter_samples(raw, url=url, strict=strict,
+            # (the reader recognises the compression itself, from magic bytes); `__url__` and
+            # messages name the input without credentials (commands see it as __source__)
+            for sample in tario.iter_samples(raw, url=storage.redact(url), strict=strict,
                                              max_member_size=max_member_size, unsafe=unsafe):
                 yield sample
                 seen += 1

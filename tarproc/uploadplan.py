@@ -357,7 +357,7 @@ def read_source(source):
     if storage.is_local(source):
         path = storage.local_path(source)
         if os.path.isdir(path):
-            raise TarprocError(f"cannot read {source}: is a directory")
+            raise TarprocError(f"cannot read {storage.redact(source)}: is a directory")
     with storage.open_read(source) as stream:
         return stream.read()
 
@@ -387,8 +387,10 @@ def build_shard(shard, skip_unreadable=False, compression="auto"):
                 try:
                     data = read_source(source)
                 except Exception as exc:  # noqa: BLE001 - every cause is reported with its file
-                    bad.append({"key": sample.key, "field": ext, "source": source,
-                                "error": _reason(exc), "shard": shard.url})
+                    from .storage import redact  # (reports and manifests carry no credentials)
+
+                    bad.append({"key": sample.key, "field": ext, "source": redact(source),
+                                "error": _reason(exc), "shard": redact(shard.url)})
                     continue
                 record[ext] = data
                 bytes_in += len(data)
@@ -399,8 +401,10 @@ def build_shard(shard, skip_unreadable=False, compression="auto"):
                 writer.write(record)
         if problems and not skip_unreadable:
             first = problems[0]
+            from .storage import redact
+
             raise UnreadableSources(
-                f"{shard.url}: {len(problems)} unreadable file(s), shard not written; first: "
+                f"{redact(shard.url)}: {len(problems)} unreadable file(s), shard not written; first: "
                 f"{first['key']}.{first['field']} ({first['source']}): {first['error']}", problems)
         writer.close()
     except BaseException:

@@ -323,7 +323,9 @@ class _FlakyHandler(BaseHTTPRequestHandler):
             self.send_response(200)
         body = data[start:]
         self.send_header("Content-Length", str(len(body)))
-        self.send_header("ETag", f'"{len(data)}-{int(path.stat().st_mtime)}"')
+        if self.server.etag != "none":
+            weak = "W/" if self.server.etag == "weak" else ""
+            self.send_header("ETag", f'{weak}"{len(data)}-{int(path.stat().st_mtime)}"')
         if self.server.ranges:
             self.send_header("Accept-Ranges", "bytes")
         self.end_headers()
@@ -358,9 +360,17 @@ class _FlakyHandler(BaseHTTPRequestHandler):
                 left -= len(data)
                 yield data
 
+    def _redirect(self):
+        """With ``redirect``: answer 307 to where the object "moved" (after the body)."""
+        for _ in self._body_chunks() if self.command == "PUT" else ():
+            pass
+        return self._reply(307, headers=[("Location", "/moved" + self.path)])
+
     def do_PUT(self):
         action, _k = self.server.next_action("PUT")
         self.server.record(self, action)
+        if self.server.redirect and not self.path.startswith("/moved/"):
+            return self._redirect()
         path = self._path()
         if path is None:
             return self._reply(403)
@@ -385,6 +395,8 @@ class _FlakyHandler(BaseHTTPRequestHandler):
 
     def do_DELETE(self):
         self.server.record(self, "ok")
+        if self.server.redirect and not self.path.startswith("/moved/"):
+            return self._redirect()
         path = self._path()
         if path is None or not path.is_file():
             return self._reply(404)
@@ -399,7 +411,9 @@ class FlakyHTTPServer(ThreadingHTTPServer):
     ``"ok"``; ``"503"`` (GET) or ``"500"``/``"503"`` (PUT, after reading the body); ``"drop"``
     (GET: close the connection after ``drop_after + 7919*k`` body bytes, k = request number;
     PUT: close after receiving ``drop_after`` bytes); ``"reset"`` (GET: close before answering).
-    ``ranges`` toggles Range support. ``requests`` records (method, path, Range, action, headers).
+    ``ranges`` toggles Range support. ``etag``: ``"strong"``, ``"weak"`` (``W/``) or ``"none"``
+    (no ETag, no Last-Modified). ``redirect``: PUT and DELETE outside ``/moved/`` answer 307 to
+    ``/moved/...``. ``requests`` records (method, path, Range, action, headers).
     """
 
     daemon_threads = True
@@ -412,9 +426,12 @@ class FlakyHTTPServer(ThreadingHTTPServer):
         self.lock = threading.Lock()
         self.configure()
 
-    def configure(self, get=("ok",), put=("ok",), ranges=True, drop_after=1_000_003):
+    def configure(self, get=("ok",), put=("ok",), ranges=True, drop_after=1_000_003, etag="strong",
+                  redirect=False):
         """Set the behaviour and reset the counters and the request log."""
         with self.lock:
+            self.etag = etag
+            self.redirect = redirect
             self.get_script = list(get)
             self.put_script = list(put)
             self.ranges = ranges

@@ -192,6 +192,28 @@ def test_rerun_takes_neither_an_empty_file_nor_a_directory_for_a_finished_shard(
     assert proc.returncode == 1 and "missing: out/x-2.tar" in proc.stdout.decode()
 
 
+def test_credentials_in_input_urls_never_reach_messages_logs_or_commands(data, flaky_http_server):
+    """A user:password (or a signed query) in an input URL: every error line, --stats, --log-dir
+    file name and the commands' __source__ show it redacted."""
+    srv = flaky_http_server
+    shutil.copy(data / "data/imagenet_train-0000.tgz", srv.root / "good.tgz")
+    (srv.root / "garbage.tgz").write_bytes(b"<html>not a tar</html>" * 100)
+    base = srv.url.replace("http://", "http://user:secret@")
+    proc = sh(f"htmapper -q -j 1 --retries 0 --log-dir logs --stats st.json -p script.py "
+              f"'{base}/{{garbage,missing}}.tgz' 'out/o-{{0,1}}.tar'", data, timeout=120)
+    err = proc.stderr.decode()
+    assert proc.returncode == 1 and "not a tar archive" in err and "404" in err
+    assert "secret" not in err and "secret" not in (data / "st.json").read_text()
+    assert not [p for p in os.listdir(data / "logs") if "secret" in p]
+    for cmd in (f"tarproc -q '{base}/garbage.tgz' -o x.tar",
+                f"tarcat '{srv.url}/garbage.tgz?X-Amz-Signature=SIGSECRET' -o x.tar"):
+        proc = sh(cmd, data)
+        err = assert_one_line_error(proc, cmd.split()[0])
+        assert "not a tar archive" in err and "secret" not in err.lower()
+    proc = sh(f"tarproc -q -c 'cat __source__; echo; echo $TARPROC_SOURCE' --count 1 '{base}/good.tgz'", data, check=True)
+    assert proc.stdout.decode().split() == [f"{srv.url.replace('http://', 'http://***@')}/good.tgz"] * 2
+
+
 def test_seed_htls(data):
     os.remove(data / "data/imagenet_train-0005.tgz")
     proc = sh("htls 'data/imagenet_train-@0008.tgz'", data)

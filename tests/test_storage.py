@@ -389,6 +389,54 @@ def test_flaky_get_gives_up_after_bounded_attempts(flaky_http_server):
     assert len(srv.requests) == 4
 
 
+@pytest.mark.parametrize("etag", ["weak", "none"])
+def test_broken_get_without_a_version_to_hold_the_server_to_is_not_resumed(flaky_http_server, payload, etag):
+    """A weak ETag (or none, and no Last-Modified) does not promise the same bytes: a body that
+    breaks is an error, never bytes of two versions spliced together."""
+    srv = flaky_http_server.configure(get=("drop", "ok"), etag=etag, drop_after=100_000)
+    (srv.root / "obj.tar").write_bytes(payload)
+    with pytest.raises(StorageError, match=r"the connection broke at byte \d+ and the server names no "
+                                           r"version of the object"):
+        with storage.open_read(f"{srv.url}/obj.tar", backoff=0.01) as f:
+            f.read()
+    srv.configure(get=("drop", "ok"), drop_after=100_000)  # strong ETag: resumed, with If-Range
+    with storage.open_read(f"{srv.url}/obj.tar", backoff=0.01) as f:
+        assert f.read() == payload
+    resumed = [h for (m, _, rng, _, h) in srv.requests if m == "GET" and rng]
+    assert resumed and resumed[0].get("If-Range", "").startswith('"')
+
+
+def test_writes_and_deletes_are_never_redirected(flaky_http_server, payload):
+    """A PUT answered with a redirect would be sent again without its body (an empty object and
+    success) and a DELETE would reach another object: both are errors saying where the server
+    points, and the object at the redirect's target is left alone."""
+    srv = flaky_http_server.configure(redirect=True)
+    (srv.root / "moved").mkdir()
+    (srv.root / "moved" / "out.tar").write_bytes(b"older object")
+    with pytest.warns(RuntimeWarning, match="DELETE answered HTTP 307"):
+        with pytest.raises(StorageError, match=r"^cannot write http://127.0.0.1:\d+/out.tar: HTTP 307 "
+                                               r"Temporary Redirect \(the server redirects to /moved/out.tar;"):
+            with storage.open_write(f"{srv.url}/out.tar") as w:
+                w.write(payload[:300_000])
+    assert (srv.root / "moved" / "out.tar").read_bytes() == b"older object"
+    assert [m for m, *_ in srv.requests] == ["PUT", "DELETE"]  # nothing followed
+    with pytest.raises(StorageError, match="cannot remove .*HTTP 307"):
+        storage.remove(f"{srv.url}/out.tar")
+    assert (srv.root / "moved" / "out.tar").read_bytes() == b"older object"
+
+
+@pytest.mark.parametrize("url, cause", [
+    ("http://user:secret@127.0.0.1:99999/x.tar", "Failed to parse"),
+    ("http://user:secret@/x.tar", "No host supplied"),
+])
+def test_unusable_http_urls_are_one_line_errors_without_credentials(url, cause):
+    for action in (lambda: storage.open_read(url).read(), lambda: storage.exists(url)):
+        with pytest.raises(StorageError) as info:
+            action()
+        assert cause in str(info.value) and "secret" not in str(info.value)
+        assert "\n" not in str(info.value)
+
+
 def test_flaky_put_chunked_ok(flaky_http_server, payload):
     srv = flaky_http_server
     with storage.open_write(f"{srv.url}/up/ok.bin") as w:

@@ -98,7 +98,8 @@ def _body(argv):
             f.write("\n")
     for p in result.unreadable:
         what = f"left out sample {p['key']}" if args.skip_unreadable else f"{p['shard']} not written"
-        error_line(PROG, f"{p['key']}.{p['field']}: cannot read {p['source']}: {p['error']} ({what})")
+        cause = p["error"] if p["error"].startswith("cannot read ") else f"cannot read {p['source']}: {p['error']}"
+        error_line(PROG, f"{p['key']}.{p['field']}: {cause} ({what})")
     for url, error in result.failed:
         error_line(PROG, f"{url}: {error}" if not error.startswith(url) else error)
     if args.shuffle and args.seed is None and not args.quiet:

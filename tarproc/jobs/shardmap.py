@@ -165,6 +165,15 @@ def make_runner(process_sample=None, command=None, **shell_options):
     return None
 
 
+def shown_keys(urls):
+    """How a job names its items (in failures, logs, --stats, progress): the URLs without
+    credentials; numbered ``i:URL`` if that would make two of them alike."""
+    keys = [storage.redact(u) for u in urls]
+    if len(set(keys)) != len(keys):
+        keys = [f"{i}:{k}" for i, k in enumerate(keys)]
+    return keys
+
+
 def absolute(url):
     """A local path made absolute, so that workers with another working directory find it."""
     import os
@@ -211,7 +220,7 @@ def map_shards(inputs, outputs, process_sample=None, *, command=None, errors="ab
     # this run (stopped workers, cancelled tasks) at the end, however the job ends
     remove_temp_files(out_urls)
     try:
-        result = run_items(task, list(zip(in_urls, out_urls)), keys=lambda pair: pair[0],
+        result = run_items(task, list(zip(in_urls, out_urls)), keys=shown_keys(in_urls),
                            is_done=lambda pair: storage.committed(pair[1]), desc="shards",
                            **_job_options(job))
     finally:
@@ -300,7 +309,8 @@ def extract(inputs, fields, *, as_json=False, count=None, out=None, strict=False
     urls = input_urls(inputs)
     pending = {}
     state = {"next": 0, "written": 0}
-    index_of = {url: i for i, url in enumerate(urls)}
+    keys = shown_keys(urls)
+    index_of = {key: i for i, key in enumerate(keys)}
 
     def emit(record):
         lines = record.pop("lines", None)
@@ -315,7 +325,7 @@ def extract(inputs, fields, *, as_json=False, count=None, out=None, strict=False
         out.flush()
 
     job.setdefault("speculation", True)
-    result = run_items(ExtractShard(fields, as_json, count, strict), urls, keys=urls, desc="shards",
+    result = run_items(ExtractShard(fields, as_json, count, strict), urls, keys=keys, desc="shards",
                        on_result=emit, **_job_options(job))
     if check and not result.ok:
         raise JobFailed(result)
@@ -328,7 +338,7 @@ def count_values(inputs, field=None, *, strict=False, check=False, **job):
     Returns (list of (value, count) most frequent first, JobResult).
     """
     urls = input_urls(inputs)
-    result = run_items(CountShard(field, strict), urls, keys=urls, desc="shards", reduce=operator.add,
+    result = run_items(CountShard(field, strict), urls, keys=shown_keys(urls), desc="shards", reduce=operator.add,
                        **_job_options(job))
     if check and not result.ok:
         raise JobFailed(result)
@@ -366,9 +376,10 @@ def list_shards(pattern, *, samples=False, **job):
         mean = sum(values) / len(values)
         report.update(min=min(values), mean=mean, max=max(values), skew=(max(values) / mean if mean else 0.0))
     if samples and present:
-        by_url = {absolute(r["url"]): r for r in present}
-        result = run_items(_count_samples, list(by_url), keys=list(by_url), desc="shards",
-                           on_result=lambda rec: by_url[rec["key"]].update(samples=rec.get("samples_in")),
+        items = [absolute(r["url"]) for r in present]
+        by_key = dict(zip(shown_keys(items), present))
+        result = run_items(_count_samples, items, keys=list(by_key), desc="shards",
+                           on_result=lambda rec: by_key[rec["key"]].update(samples=rec.get("samples_in")),
                            **_job_options(job))
         report["result"] = result
         counts = [r["samples"] for r in present if r["samples"] is not None]

@@ -189,7 +189,7 @@ def _input_samples(url):
     from tarproc import tario
 
     with storage.open_read(url) as raw:
-        yield from tario.iter_samples(raw, url=url)
+        yield from tario.iter_samples(raw, url=storage.redact(url))
 
 
 class _Counted:

@@ -2,13 +2,17 @@
 
 Reads retry connection errors and 5xx answers with exponential backoff. A body that breaks
 mid-way is resumed with ``Range: bytes=N-`` from the first byte not yet delivered; a server that
-ignores ranges (answers 200) is read again from the start and the first N bytes are skipped. The
-object's ETag and length are checked on every resumption, so bytes of two different versions are
-never spliced together.
+ignores ranges (answers 200) is read again from the start and the first N bytes are skipped. A
+resumption needs a version of the object to hold the server to (a strong ETag, else
+Last-Modified, sent as ``If-Range``, and the length): both are checked on every resumption, so
+bytes of two different versions are never spliced together; a body that breaks with neither
+(say, only a weak ETag) is an error rather than a guess.
 
 Writes are one chunked PUT fed from a bounded queue by a background thread; the object exists
-only after the server answers 2xx to the complete body. On any failure or abort the writer sends
-a DELETE for whatever the server may have stored.
+only after the server answers 2xx to the complete body. A PUT or DELETE is never redirected (the
+body cannot be sent twice, and a DELETE must not reach another object): a 3xx is an error naming
+where the server points. On any failure or abort the writer sends a DELETE for whatever the
+server may have stored (tried twice, then a warning).
 
 Credentials in URLs (``http://user:pw@host/``) are sent as Basic auth by requests and never appear
 in messages.
@@ -107,6 +111,9 @@ def _call(method, url, opts, action, **kwargs):
             resp = _session().request(method, url, timeout=_timeout(opts), **kwargs)
         except (requests.ConnectionError, requests.Timeout) as exc:
             cause = _reason(exc)
+        except (requests.RequestException, urllib3.exceptions.HTTPError, ValueError) as exc:
+            # an unusable URL, too many redirects...: retrying cannot help
+            raise fail(action, url, _reason(exc)) from None
         else:
             if resp.status_code not in _RETRY_STATUS:
                 return resp
@@ -126,7 +133,7 @@ class HttpReader(RawReader):
         self.opts = opts
         self.pos = 0  # bytes delivered to the caller
         self.total = None  # object length, when the server says
-        self.etag = None
+        self.etag = None  # the object's version (a strong ETag, else Last-Modified), when known
         self.resp = None
         self.failures = 0
         self.done = False
@@ -153,10 +160,21 @@ class HttpReader(RawReader):
             except Exception:
                 pass
 
-    def _check_same_object(self, resp, total):
+    @staticmethod
+    def _version(resp):
+        """What names this version of the object: a strong ETag, else Last-Modified (a weak
+        ETag does not promise the same bytes), else None."""
         etag = resp.headers.get("ETag")
-        if etag and etag.startswith("W/"):
-            etag = None
+        if etag and not etag.startswith("W/"):
+            return etag
+        return resp.headers.get("Last-Modified")
+
+    def _check_same_object(self, resp, total):
+        etag = self._version(resp)
+        if self.pos > 0 and (self.etag is None or etag is None):
+            raise fail("cannot read", self.url, f"the connection broke at byte {self.pos} and the "
+                       "server names no version of the object (no strong ETag or Last-Modified) "
+                       "to resume it safely")
         if self.etag and etag and etag != self.etag:
             raise fail("cannot read", self.url, "the object changed while it was being read")
         if self.total is not None and total is not None and total != self.total:
@@ -171,6 +189,8 @@ class HttpReader(RawReader):
             headers = {"Accept-Encoding": "identity"}
             if self.pos > 0:
                 headers["Range"] = f"bytes={self.pos}-"
+                if self.etag is not None:
+                    headers["If-Range"] = self.etag  # changed: the whole new object, 200
             try:
                 resp = _session().get(
                     self.url, headers=headers, stream=True, timeout=_timeout(self.opts)
@@ -178,6 +198,8 @@ class HttpReader(RawReader):
             except (requests.ConnectionError, requests.Timeout) as exc:
                 self._failed(_reason(exc))
                 continue
+            except (requests.RequestException, urllib3.exceptions.HTTPError, ValueError) as exc:
+                raise fail("cannot read", self.url, _reason(exc)) from None
             code = resp.status_code
             if code in _RETRY_STATUS:
                 resp.close()
@@ -305,6 +327,7 @@ class HttpWriter(Writer):
                 data=self._body(),
                 headers={"Content-Type": "application/octet-stream"},
                 timeout=_timeout(self.opts),
+                allow_redirects=False,  # the body was sent once and cannot be sent again
             )
             resp.close()
             self.response = resp
@@ -347,7 +370,7 @@ class HttpWriter(Writer):
         if self.error is not None:
             raise fail("cannot write", self.url, _reason(self.error))
         if not 200 <= self.response.status_code < 300:
-            raise fail("cannot write", self.url, _status_text(self.response))
+            raise fail("cannot write", self.url, _status_text(self.response) + _elsewhere(self.response))
 
     def _abort(self):
         if self.thread.is_alive():
@@ -362,13 +385,34 @@ class HttpWriter(Writer):
                 pass
             self.thread.join()
         self.buf.clear()
+        # Tried twice, not the reads' seven times: a server that did not take the PUT is most
+        # likely not there for the DELETE either, and the error is already on its way.
+        opts = dict(self.opts, retries=1)
         try:
-            resp = _call("DELETE", self.url, self.opts, "cannot delete")
+            resp = _call("DELETE", self.url, opts, "cannot delete", allow_redirects=False)
             resp.close()
             if resp.status_code >= 300 and resp.status_code not in (404, 410):
-                log.warning("cleanup of %s after a failed write: %s", self.name, _status_text(resp))
+                _warn(f"{self.name}: cleanup after a failed write: DELETE answered "
+                      f"{_status_text(resp)}; a partial object may be left there")
         except StorageError as exc:
-            log.warning("cleanup after a failed write: %s", exc)
+            _warn(f"cleanup after a failed write: {exc}; a partial object may be left there")
+
+
+def _warn(message):
+    import warnings
+
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _elsewhere(resp):
+    """For a redirect answered to a PUT or DELETE: where the server points (never followed)."""
+    if 300 <= resp.status_code < 400:
+        from tarproc.storage.urls import redact
+
+        where = resp.headers.get("Location")
+        return (f" (the server redirects{' to ' + redact(where) if where else ''}; writes and "
+                "deletes are not redirected: give the final URL)")
+    return ""
 
 
 def open_write(url, **options):
@@ -408,10 +452,10 @@ def size(url, **options):
 
 
 def remove(url, missing_ok=False, **options):
-    resp = _call("DELETE", url, _options(options), "cannot remove")
+    resp = _call("DELETE", url, _options(options), "cannot remove", allow_redirects=False)
     resp.close()
     if 200 <= resp.status_code < 300:
         return
     if missing_ok and resp.status_code in (404, 410):
         return
-    raise fail("cannot remove", url, _status_text(resp))
+    raise fail("cannot remove", url, _status_text(resp) + _elsewhere(resp))

@@ -34,7 +34,14 @@ def filesystem(url):
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         if endpoint:
             options["client_kwargs"] = {"endpoint_url": endpoint}
-        return fsspec.filesystem("s3", **options)
+        # Bounded waits: botocore's own retries times s3fs's would keep a write to an endpoint
+        # that accepts connections and never answers going for over 20 minutes; this way a
+        # request gives up after ~3 x 2 x 60 s at worst, as the http backend's reads do.
+        options["config_kwargs"] = {"connect_timeout": 10, "read_timeout": 60,
+                                    "retries": {"max_attempts": 3, "mode": "standard"}}
+        fs = fsspec.filesystem("s3", **options)
+        fs.retries = 2  # s3fs's own loop around botocore's (5 by default)
+        return fs
     emulator = os.environ.get("STORAGE_EMULATOR_HOST")
     if emulator:
         if not emulator.startswith(("http://", "https://")):
