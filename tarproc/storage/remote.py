@@ -20,6 +20,19 @@ log = logging.getLogger("tarproc.storage")
 _PACKAGES = {"s3": ("s3fs", "tarproc[s3]"), "gs": ("gcsfs", "tarproc[gcs]")}
 
 
+def _quiet_libraries():
+    """Keep the cloud libraries' own log records (gcsfs logs a whole traceback when it gives up
+    cancelling an upload) off stderr: what goes wrong reaches the user as one StorageError.
+    Only Python's last-resort output is silenced; a handler the caller configures still sees
+    them."""
+    import logging
+
+    for name in ("gcsfs", "s3fs", "fsspec", "aiobotocore", "botocore"):
+        logger = logging.getLogger(name)
+        if not logger.handlers:
+            logger.addHandler(logging.NullHandler())
+
+
 def filesystem(url):
     """The fsspec filesystem for ``url``'s scheme, configured from the environment."""
     kind = scheme(url)
@@ -29,6 +42,7 @@ def filesystem(url):
         import fsspec
     except ImportError as exc:
         raise fail("cannot open", url, f"{module} is not installed (pip install {extra})") from exc
+    _quiet_libraries()
     options = {"use_listings_cache": False}
     if kind == "s3":
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
