@@ -502,6 +502,35 @@ def test_committed_is_a_non_empty_file_or_object(tmp_path, nginx_server, s3_serv
         storage.committed("-")
 
 
+@pytest.mark.timeout(120)
+def test_upload_to_an_endpoint_that_never_answers_gives_up(tmp_path, monkeypatch):
+    """An S3 endpoint that accepts connections and never reads: the HTTP client has no timeout
+    for sending, so the upload is bounded by our own stall limit (shortened here)."""
+    import socket
+    import threading
+
+    from tarproc.storage import remote
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    held = []
+    threading.Thread(target=lambda: [held.append(server.accept()[0]) for _ in range(16)],
+                     daemon=True).start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.getsockname()[1]}")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(name, "x")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setattr(remote, "STALL_SECONDS", 3.0)
+    t0 = time.monotonic()
+    with pytest.raises(StorageError, match=r"^cannot write s3://bkt/x.tar: the upload stalled: "
+                                           r"nothing sent for 3 s"):
+        with storage.open_write("s3://bkt/x.tar") as w:
+            w.write(b"x" * (3 << 20))
+    assert time.monotonic() - t0 < 30
+    server.close()
+
+
 @pytest.fixture(params=["s3", "gs"])
 def bucket(request):
     return request.getfixturevalue("s3_server" if request.param == "s3" else "gcs_server")

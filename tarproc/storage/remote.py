@@ -15,6 +15,12 @@ from tarproc.storage.urls import remote_path, scheme
 
 BLOCK_SIZE = 8 << 20  # read-ahead and multipart part size (S3 parts must be >= 5 MiB)
 
+#: The longest one write or commit of an upload may take (one part of BLOCK_SIZE, or the last
+#: one and the completion) before the upload counts as stalled: the HTTP client under s3fs/gcsfs
+#: has timeouts for connecting and reading but none for sending, so an endpoint that accepts
+#: the connection and never reads would hold a write forever.
+STALL_SECONDS = 600.0
+
 log = logging.getLogger("tarproc.storage")
 
 _PACKAGES = {"s3": ("s3fs", "tarproc[s3]"), "gs": ("gcsfs", "tarproc[gcs]")}
@@ -114,21 +120,55 @@ class RemoteWriter(Writer):
             self.file = filesystem(url).open(remote_path(url), "wb", block_size=BLOCK_SIZE)
         except Exception as exc:
             raise fail("cannot write", url, _cause(exc)) from exc
+        self.stalled = False  # a write or commit gave up waiting (see STALL_SECONDS)
+
+    def _bounded(self, fn, *args):
+        """``fn(*args)`` (a call that may send a part), given up after STALL_SECONDS: the call
+        goes on in a daemon thread, which the end of the process takes with it."""
+        import threading
+
+        box = []
+        done = threading.Event()
+
+        def run():
+            try:
+                box.append((True, fn(*args)))
+            except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
+                box.append((False, exc))
+            finally:
+                done.set()
+
+        threading.Thread(target=run, name="tarproc-upload", daemon=True).start()
+        if not done.wait(STALL_SECONDS):
+            self.stalled = True
+            raise fail("cannot write", self.url, f"the upload stalled: nothing sent for "
+                       f"{STALL_SECONDS:.0f} s (the endpoint does not answer)")
+        ok, value = box[0]
+        if not ok:
+            raise value
+        return value
 
     def _write(self, data):
         try:
-            self.file.write(data)
+            self._bounded(self.file.write, data)
         except Exception as exc:
+            if self.stalled:
+                raise
             raise fail("cannot write", self.url, _cause(exc)) from exc
 
     def _commit(self):
         try:
-            self.file.close()
+            self._bounded(self.file.close)
         except Exception as exc:
+            if self.stalled:
+                raise
             raise fail("cannot write", self.url, _cause(exc)) from exc
 
     def _abort(self):
         f = self.file
+        if self.stalled:  # cancelling would wait on the same silent endpoint
+            f.closed = True
+            return
         try:
             if not f.closed:
                 f.discard()
