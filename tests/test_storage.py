@@ -515,8 +515,15 @@ def test_upload_to_an_endpoint_that_never_answers_gives_up(tmp_path, monkeypatch
     server.bind(("127.0.0.1", 0))
     server.listen(16)
     held = []
-    threading.Thread(target=lambda: [held.append(server.accept()[0]) for _ in range(16)],
-                     daemon=True).start()
+
+    def accept():
+        try:
+            while True:
+                held.append(server.accept()[0])
+        except OSError:  # closed at the end of the test
+            pass
+
+    threading.Thread(target=accept, daemon=True).start()
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.getsockname()[1]}")
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.setenv(name, "x")
