@@ -34,7 +34,6 @@ import itertools
 import math
 import os
 import random
-import re
 import shutil
 import struct
 import tempfile
@@ -43,7 +42,7 @@ from .errors import DuplicateKeyError, TarprocError
 
 __all__ = [
     "ReshardError", "Ordering", "Dealer", "RangePartitioner", "ExternalSorter", "reservoir",
-    "choose_boundaries", "group_reduce", "merge_runs", "write_run", "read_run", "parse_size",
+    "choose_boundaries", "group_reduce", "merge_runs", "write_run", "read_run",
     "load_script", "apply_mapper", "sample_nbytes", "keys_apart", "RUN_FIELD",
 ]
 
@@ -58,17 +57,6 @@ FIELD_OVERHEAD = 90
 
 class ReshardError(TarprocError):
     """A sample cannot be ordered or reduced (missing or unparsable key field, bad reduce result)."""
-
-
-def parse_size(text):
-    """Bytes for '256MB', '1.5G', '64k', '1000' (binary multiples: 1K = 1024)."""
-    if isinstance(text, (int, float)):
-        return int(text)
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([kmgt]?)(i?b?)\s*", str(text).lower())
-    if not m:
-        raise TarprocError(f"cannot parse size {text!r} (use e.g. 256MB, 1G)")
-    scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2)]
-    return int(float(m.group(1)) * scale)
 
 
 def sample_nbytes(sample):

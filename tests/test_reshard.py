@@ -25,13 +25,13 @@ def numbered(samples, src=0):
         yield s
 
 
-def test_parse_size():
-    assert reshard.parse_size("256MB") == 256 << 20
-    assert reshard.parse_size("1.5g") == int(1.5 * (1 << 30))
-    assert reshard.parse_size("64k") == 65536
-    assert reshard.parse_size(1000) == 1000
+def test_memory_sizes_read_as_every_other_size():
+    """--memory 256MB means what --maxsize 256MB means (decimal units; KiB/MiB/GiB binary)."""
+    from tarproc.jobs import twophase
+
+    assert twophase.parse_size("256MB") == 256_000_000 and twophase.parse_size("256MiB") == 256 << 20
     with pytest.raises(reshard.TarprocError):
-        reshard.parse_size("lots")
+        twophase.parse_size("lots")
 
 
 def test_dealer_is_balanced_and_uniform():

@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 from tarproc import reshard, shards, storage
 from tarproc.errors import DuplicateKeyError, TarprocError
 from tarproc.storage.local import remove_temp_files
+from tarproc.tarutils import parse_size  # (one meaning of "256MB" in every option: 256e6 bytes)
 
 __all__ = ["shuffle", "sort", "run_twophase", "ReshardResult", "UserCode", "WorkdirError"]
 
@@ -562,7 +563,7 @@ def run_twophase(mode, inputs, outputs, *, ordering, mapper=None, reducer=None, 
     if sample_size is None:
         sample_size = max(MIN_SAMPLE_PER_SHARD, -(-SAMPLE_PER_OUTPUT * n_out // n_in))
     plan = Plan(mode=mode, inputs=in_urls, outputs=out_urls, workdir=workdir, ordering=ordering,
-                fingerprint=fingerprint, memory=reshard.parse_size(memory), mapper=mapper,
+                fingerprint=fingerprint, memory=parse_size(memory), mapper=mapper,
                 reducer=reducer, combine=combine, combiner=combiner, sample_size=sample_size)
     result = ReshardResult(mode=mode, inputs=in_urls, outputs=out_urls, workdir=workdir)
 
