@@ -718,7 +718,10 @@ class _Progress:
 
     def __init__(self):
         from tqdm import tqdm
-        self.bar = tqdm(unit=" samples", file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+
+        from .progress import bar_width_options
+        self.bar = tqdm(unit=" samples", file=sys.stderr, mininterval=0.5,
+                        **bar_width_options(sys.stderr))
         self.started = time.monotonic()
         self.last = 0.0
 

@@ -625,9 +625,11 @@ class _Job:
         if self.o["progress"] and sys.stderr.isatty():
             from tqdm import tqdm
 
+            from tarproc.progress import bar_width_options
+
             self.bar = tqdm(total=self.result.total or None, desc=self.o["desc"],
                             unit=" " + self.o["desc"], file=sys.stderr,
-                            mininterval=0.5)
+                            mininterval=0.5, **bar_width_options(sys.stderr))
         if self.o["speculation"]:
             _listeners[self.job] = self.on_start
             self.client.subscribe_topic(_START_TOPIC, _dispatch_start)
