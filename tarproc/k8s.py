@@ -100,6 +100,11 @@ def sanitize_prefix(prefix):
     clean = re.sub(r"[^a-z0-9]+", "-", prefix.lower()).strip("-")
     if not clean:
         raise TarprocError(f"--name {prefix!r}: needs at least one letter or digit")
+    if clean != prefix:  # say so: `kubectl -l app.kubernetes.io/instance=NAME` needs the new one
+        import warnings
+
+        warnings.warn(f"--name {prefix!r} is not a DNS label: the jobs are named {clean}-NNNN "
+                      f"(and labelled app.kubernetes.io/instance={clean})", stacklevel=2)
     return clean
 
 

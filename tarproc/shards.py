@@ -6,7 +6,6 @@ operations; globs are resolved against storage (local paths, s3, gs).
 """
 
 import glob as _glob
-import itertools
 import re
 
 from .errors import PatternError

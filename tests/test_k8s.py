@@ -432,3 +432,42 @@ def test_htk8s_bad_pattern_pair_is_a_one_line_error():
 def test_htk8s_help():
     result = htk8s("--help")
     assert result.returncode == 0 and "usage: htk8s" in result.stdout
+
+
+def test_big_output_is_written_whole_under_pythonunbuffered(tmp_path):
+    """PYTHONUNBUFFERED=1 makes stdout a raw file whose writes may be partial into a full pipe;
+    the text layer would drop the rest (a manifest cut short, exit 0 under `| head`)."""
+    from cli_helpers import sh
+
+    cmd = "htk8s -c true 'http://s/in-@300.tgz' 'http://s/out-@300.tar'"
+    whole = sh(cmd, tmp_path, check=True).stdout
+    assert len(whole) > 200_000
+    slow = sh(f"{cmd} | (sleep 0.5; cat)", tmp_path, env={"PYTHONUNBUFFERED": "1"}, check=True)
+    assert slow.stdout == whole
+    cut = sh(f"{cmd} | head -1; exit ${{PIPESTATUS[0]}}", tmp_path, env={"PYTHONUNBUFFERED": "1"})
+    assert cut.returncode == 141 and cut.stderr == b""
+
+
+def test_a_name_that_is_not_a_dns_label_is_changed_with_a_warning(tmp_path):
+    from cli_helpers import sh
+
+    proc = sh("htk8s -c true --name Bad_Name 'http://s/i-@2' 'http://s/o-@2'", tmp_path, check=True)
+    assert b"bad-name-0000" in proc.stdout and b"app.kubernetes.io/instance: bad-name" in proc.stdout
+    assert proc.stderr.decode().startswith("htk8s: warning: --name 'Bad_Name' is not a DNS label: "
+                                           "the jobs are named bad-name-NNNN")
+    assert sh("htk8s -c true --name good 'http://s/i-@2' 'http://s/o-@2'", tmp_path, check=True).stderr == b""
+
+
+@pytest.mark.parametrize("cmd", [
+    "htk8s -c true --procs 0 http://s/i-@2 http://s/o-@2",
+    "htk8s -c true --backoff-limit -1 http://s/i-@2 http://s/o-@2",
+    "tarshow -n -1 x.tar", "tarcat --skip -1 x.tar -o y.tar", "tarsplit -o x-%d.tar --maxsize 1XB x.tar",
+    "htshuffle --memory lots 'x-@2.tar' 'y-@2.tar'", "htupload --maxsize lots d 'y-@2.tar'",
+    "htextract --count -1 -f a x.tar", "htmapper --retries -1 -C true 'x-@2.tar' 'y-@2.tar'",
+])
+def test_a_bad_option_value_is_a_usage_error_everywhere(tmp_path, cmd):
+    from cli_helpers import sh
+
+    proc = sh(cmd, tmp_path)
+    err = proc.stderr.decode()
+    assert proc.returncode == 2 and "usage:" in err and f"{cmd.split()[0]}: error: argument" in err, err

@@ -348,3 +348,20 @@ def test_htmapper_refuses_two_outputs_of_one_key_in_a_row(data, dask_scheduler_a
         key = samples_of(data / f"data/imagenet_train-{i:04d}.tgz")[0]["__key__"]
         assert f"out/twice-{i}.tar: two consecutive output samples have the key {key!r}" in err, err
     assert not (data / "out").exists() or not list((data / "out").iterdir())
+
+
+def test_missing_local_inputs_are_one_error_before_any_work(data):
+    for cmd in ("htmapper -j 1 -C true 'nonexist-@2.tar' 'o-@2.tar'", "htextract -j 1 -f cls 'nonexist-@2.tar'"):
+        proc = sh(cmd, data)
+        err = assert_one_line_error(proc, cmd.split()[0])
+        assert err.strip().endswith("no such input shard: " + ", ".join(
+            str(data / f"nonexist-{i}.tar") for i in range(2))), err
+        assert "local cluster" not in err  # nothing started
+
+
+def test_htls_tells_an_unreachable_server_from_missing_shards(data):
+    from servers import free_port
+
+    proc = sh(f"htls 'http://127.0.0.1:{free_port()}/Volume_@1.tgz'", data, timeout=120)  # (~30 s of retries)
+    err = assert_one_line_error(proc, "htls")
+    assert "cannot check http://127.0.0.1:" in err and "missing" not in proc.stdout.decode()

@@ -155,6 +155,24 @@ def _closed_standard_streams():
             setattr(sys, name, ClosedStream(name))
 
 
+def _whole_writes_to_stdout():
+    """Under PYTHONUNBUFFERED=1 (python -u; set in many containers), sys.stdout writes straight
+    to a raw file, whose write may take only part of the data when a pipe is full, and Python's
+    text layer drops the rest without a word. A buffered writer underneath writes everything;
+    flushed at each newline, what is printed still shows up at once."""
+    import io
+
+    out = sys.stdout
+    raw = getattr(out, "buffer", None)
+    if isinstance(out, io.TextIOWrapper) and isinstance(raw, io.RawIOBase):
+        try:
+            fd = raw.fileno()
+        except (OSError, ValueError):
+            return
+        sys.stdout = io.TextIOWrapper(io.BufferedWriter(io.FileIO(fd, "wb", closefd=False)),
+                                      encoding=out.encoding, errors=out.errors, line_buffering=True)
+
+
 def check_standard_streams(inputs=(), output=None):
     """Raise a one-line TarprocError before any work when the command will read standard input
     (`-` among `inputs`) or write its `output` to standard output (`-`, /dev/stdout...) and that
@@ -177,6 +195,7 @@ def run_main(prog, fn, argv=None, fast_exit=False):
     signal.signal(signal.SIGTERM, _on_sigterm)
     _one_line_warnings(prog)
     _closed_standard_streams()
+    _whole_writes_to_stdout()
     failure = None  # the exception that ended the command, for TARPROC_DEBUG
     try:
         status = fn(argv)
@@ -281,6 +300,17 @@ def at_least_zero(text):
 MAX_SECONDS = 1e6
 
 
+def size_value(text):
+    """argparse type of a size: bytes, or "1GB", "500MB", "64KiB" (see tarutils.parse_size)."""
+    from ..errors import TarprocError
+    from ..tarutils import parse_size
+
+    try:
+        return parse_size(text)
+    except TarprocError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def positive_seconds(text):
     """argparse type of a time limit: a number of seconds above zero, at most MAX_SECONDS."""
     try:
@@ -304,7 +334,8 @@ def add_job_options(parser):
                         help="never start speculative copies of straggling shards")
     parser.add_argument("--log-dir", metavar="DIR", help="keep each shard's log here")
     parser.add_argument("--stats", metavar="FILE.json", help="write per-shard statistics and totals here")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress bar, and no summary unless a shard failed")
 
 
 def prestart_if_local(args):

@@ -11,7 +11,7 @@ The pipeline style of running on a cluster: no Dask, each Job runs
 import argparse
 import sys
 
-from .common import run_main
+from .common import at_least_one, at_least_zero, run_main
 
 PROG = "htk8s"
 
@@ -37,9 +37,9 @@ def build_parser():
                         help="Job template YAML (default: the built-in copy of k8s/job-template.yaml)")
     parser.add_argument("--cpu", metavar="QTY", help="CPU request and limit, e.g. 1 or 500m (default: template's)")
     parser.add_argument("--memory", metavar="QTY", help="memory request and limit, e.g. 2Gi (default: template's)")
-    parser.add_argument("--backoff-limit", type=int, metavar="N",
+    parser.add_argument("--backoff-limit", type=at_least_zero, metavar="N",
                         help="retries of a failed Job before Kubernetes gives up (default: template's, 3)")
-    parser.add_argument("--procs", type=int, metavar="N",
+    parser.add_argument("--procs", type=at_least_one, metavar="N",
                         help="samples each Job processes in parallel (tarproc -p N; default 1)")
     return parser
 

@@ -5,7 +5,6 @@
 """
 
 import argparse
-import sys
 
 from .common import add_cluster_options, prestart_if_local, report_job, run_main
 

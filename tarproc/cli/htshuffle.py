@@ -8,7 +8,7 @@
 import argparse
 import sys
 
-from .common import HelpFormatter, add_job_options, prestart_if_local, run_main
+from .common import HelpFormatter, add_job_options, prestart_if_local, run_main, size_value
 
 EPILOG = """\
 Every sample lands in a uniformly random output shard, shard sizes are balanced, and each output
@@ -31,7 +31,7 @@ def add_twophase_options(parser):
                         help="where intermediate files go (required with -c)")
     parser.add_argument("--keep-work", action="store_true",
                         help="keep the intermediate files after success")
-    parser.add_argument("--memory", default="256MB", metavar="SIZE",
+    parser.add_argument("--memory", type=size_value, default="256MB", metavar="SIZE",
                         help="memory per task before sorted runs spill to local disk (default 256MB)")
 
 

@@ -10,7 +10,8 @@ import argparse
 import json
 import sys
 
-from .common import HelpFormatter, add_job_options, error_line, prestart_if_local, run_main
+from .common import (HelpFormatter, add_job_options, at_least_one, error_line, prestart_if_local, run_main,
+                     size_value)
 
 PROG = "htupload"
 
@@ -39,8 +40,8 @@ def build_parser():
                         help="directories or plan files (or none with --files), then the output pattern")
     parser.add_argument("--files", metavar="LIST", help="read a list of files, one a line (- for stdin)")
     parser.add_argument("--root", metavar="DIR", help="with --files: make keys relative to DIR")
-    parser.add_argument("--maxcount", type=int, metavar="N", help="most samples per shard (%%06d patterns)")
-    parser.add_argument("--maxsize", metavar="SIZE", help="most bytes per shard before compression, e.g. 1GB, 500MB, 1e9 (%%06d patterns)")
+    parser.add_argument("--maxcount", type=at_least_one, metavar="N", help="most samples per shard (%%06d patterns)")
+    parser.add_argument("--maxsize", type=size_value, metavar="SIZE", help="most bytes per shard before compression, e.g. 1GB, 500MB, 1e9 (%%06d patterns)")
     parser.add_argument("--shuffle", action="store_true", help="put the samples in a random order first")
     parser.add_argument("--seed", type=int, help="seed of --shuffle (needed to resume a shuffled upload)")
     parser.add_argument("--manifest", metavar="FILE.json", help="write the list of shards with count, bytes, sha256")
@@ -63,11 +64,6 @@ def _body(argv):
         parser.error("--root applies to --files only")
     if args.seed is not None and not args.shuffle:
         parser.error("--seed applies to --shuffle only")
-    if args.maxsize is not None:
-        from ..tarutils import parse_size
-
-        args.maxsize = parse_size(args.maxsize)
-
     from ..jobs import upload_job
 
     if args.dry_run:

@@ -7,7 +7,7 @@
 import argparse
 import sys
 
-from .common import run_main
+from .common import at_least_zero, run_main
 
 PROG = "tarcat"
 
@@ -19,8 +19,8 @@ def build_parser():
                         help="files, URLs or shard patterns; - for stdin (default)")
     parser.add_argument("-o", "--output", default="-", metavar="OUTPUT",
                         help="file or URL; compression from the name (.tgz, .tar.zst, ...); default: stdout")
-    parser.add_argument("-n", "--count", type=int, metavar="N", help="copy at most N samples")
-    parser.add_argument("--skip", type=int, default=0, metavar="N", help="skip the first N samples")
+    parser.add_argument("-n", "--count", type=at_least_zero, metavar="N", help="copy at most N samples")
+    parser.add_argument("--skip", type=at_least_zero, default=0, metavar="N", help="skip the first N samples")
     parser.add_argument("-v", "--verbose", action="store_true", help="say how many samples and bytes were written")
     return parser
 

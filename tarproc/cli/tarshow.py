@@ -7,7 +7,7 @@
 
 import argparse
 
-from .common import run_main
+from .common import at_least_zero, run_main
 
 PROG = "tarshow"
 
@@ -17,8 +17,8 @@ def build_parser():
         prog=PROG, description="Show the samples of tar streams: key, then each field with its size in bytes.")
     parser.add_argument("inputs", nargs="*", default=["-"], metavar="INPUT",
                         help="files, URLs or shard patterns; - for stdin (default)")
-    parser.add_argument("-n", "--count", type=int, metavar="N", help="show at most N samples")
-    parser.add_argument("--skip", type=int, default=0, metavar="N", help="skip the first N samples")
+    parser.add_argument("-n", "--count", type=at_least_zero, metavar="N", help="show at most N samples")
+    parser.add_argument("--skip", type=at_least_zero, default=0, metavar="N", help="skip the first N samples")
     parser.add_argument("-f", "--field", action="append", default=[], metavar="FIELD",
                         help="also print this field's content (repeatable; a;b for alternatives)")
     parser.add_argument("--raw", action="store_true",

@@ -7,7 +7,7 @@
 import argparse
 import sys
 
-from .common import run_main
+from .common import at_least_one, at_least_zero, run_main, size_value
 
 PROG = "tarsplit"
 
@@ -19,11 +19,11 @@ def build_parser():
                         help="files, URLs or shard patterns; - for stdin (default)")
     parser.add_argument("-o", "--output", required=True, metavar="PATTERN",
                         help="numbered output names: out-%%06d.tar or out-{:06d}.tgz (compression by name)")
-    parser.add_argument("--maxcount", type=int, metavar="N", help="most samples per shard")
-    parser.add_argument("--maxsize", metavar="SIZE", help="most bytes of field data per shard (1GB, 500MB, 1e9)")
-    parser.add_argument("--start", type=int, default=0, metavar="I", help="number of the first shard (default 0)")
-    parser.add_argument("-n", "--count", type=int, metavar="N", help="copy at most N samples")
-    parser.add_argument("--skip", type=int, default=0, metavar="N", help="skip the first N samples")
+    parser.add_argument("--maxcount", type=at_least_one, metavar="N", help="most samples per shard")
+    parser.add_argument("--maxsize", type=size_value, metavar="SIZE", help="most bytes of field data per shard (1GB, 500MB, 1e9)")
+    parser.add_argument("--start", type=at_least_zero, default=0, metavar="I", help="number of the first shard (default 0)")
+    parser.add_argument("-n", "--count", type=at_least_zero, metavar="N", help="copy at most N samples")
+    parser.add_argument("--skip", type=at_least_zero, default=0, metavar="N", help="skip the first N samples")
     parser.add_argument("--manifest", metavar="FILE.json", help="write the list of shards with count, bytes, sha256")
     parser.add_argument("-q", "--quiet", action="store_true", help="do not list the shards written")
     return parser

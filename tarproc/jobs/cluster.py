@@ -81,7 +81,8 @@ def _announce(client, how: str, quiet: bool, dashboard=True) -> None:
     prog = os.path.basename(sys.argv[0] or "") if sys.argv else ""
     prog = prog[:-3] if prog.endswith(".py") else prog  # python -m tarproc.cli.htsort
     prog = prog if prog.startswith(("ht", "tar")) else "tarproc"  # the command the user typed
-    msg = f"{prog}: {how} ({total_threads(client)} worker threads)"
+    threads = total_threads(client)
+    msg = f"{prog}: {how} ({threads} worker thread{'' if threads == 1 else 's'})"
     link = _dashboard_link(client) if dashboard else None
     if link:
         msg += f"; dashboard: {link}"

@@ -287,7 +287,8 @@ class JobResult:
 
     def summary(self) -> str:
         """One line: ``8 shards: 8 done, 0 skipped, 0 failed; 80000 samples in, ... 2.5 MB written in 3.2 s``."""
-        line = (f"{self.total} {self.desc}: {self.done} done, {self.skipped} skipped, "
+        desc = self.desc[:-1] if self.total == 1 and self.desc.endswith("s") else self.desc
+        line = (f"{self.total} {desc}: {self.done} done, {self.skipped} skipped, "
                 f"{len(self.failed)} failed")
         parts = []
         for name, label in (("samples_in", "samples in"), ("samples_out", "samples out")):

@@ -183,9 +183,18 @@ def absolute(url):
     return url
 
 
-def input_urls(pattern):
-    """The expanded input shards, local paths made absolute."""
-    return [absolute(u) for u in shards.expand_inputs(pattern)]
+def input_urls(pattern, check=True):
+    """The expanded input shards, local paths made absolute. With `check`, missing local ones
+    are one error now, before a cluster starts (remote ones fail in their tasks)."""
+    urls = [absolute(u) for u in shards.expand_inputs(pattern)]
+    if check:
+        import os
+
+        missing = [u for u in urls if storage.is_local(u) and u != "-" and not os.path.exists(storage.local_path(u))]
+        if missing:
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            raise PatternError(f"no such input shard: {', '.join(missing[:3])}{more}")
+    return urls
 
 
 def _job_options(kw):
@@ -391,15 +400,13 @@ def list_shards(pattern, *, samples=False, **job):
 
 
 def _size_or_none(url):
-    """The shard's size; None when there is no shard there (nothing, or a local directory)."""
-    try:
-        if not storage.exists(url):
-            return None
-        if storage.is_local(url):
-            import os
-
-            if not os.path.isfile(storage.local_path(url)):
-                return None
-        return storage.size(url)
-    except TarprocError:
+    """The shard's size; None when there is no shard there (nothing, or a local directory).
+    A server that cannot be asked (refused, timed out, 5xx) is an error, not a missing shard."""
+    if not storage.exists(url):
         return None
+    if storage.is_local(url):
+        import os
+
+        if not os.path.isfile(storage.local_path(url)):
+            return None
+    return storage.size(url)
