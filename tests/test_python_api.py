@@ -213,6 +213,8 @@ def test_shardwriter_limits_and_paths(tmp_path):
 
 
 def test_map_shards_refuses_what_is_neither_callable_nor_path(tmp_path):
+    for i in range(2):
+        tarproc.write_samples(str(tmp_path / f"in-{i}.tar"), [{"__key__": "k", "txt": b"x"}])
     log = open(tmp_path / "app.log", "w")
     with pytest.raises(TypeError, match="process_sample must be a callable or the path of a Python file, not int"):
         tarproc.map_shards(str(tmp_path / "in-@2.tar"), str(tmp_path / "o-@2.tar"), log.fileno())
