@@ -190,17 +190,22 @@ def connect(cluster=None, workers=None, threads_per_worker=1, quiet=False):
             except BaseException:
                 local.close()
                 raise
+            grace = 5.0
             try:
                 _announce(client, f"local cluster with {local.n_workers} worker"
                                   f"{'' if local.n_workers == 1 else 's'}", quiet,
                           dashboard=_dashboard_available())
                 yield client
+            except BaseException as exc:
+                if not isinstance(exc, Exception):  # Ctrl-C, SIGTERM, exit: busy workers are
+                    grace = 0.5                     # not waited for (their tasks are not wanted)
+                raise
             finally:
                 _quiet_logs(logging.CRITICAL)  # shutdown races log "stream closed" noise
                 try:
                     client.close()
                 finally:
-                    local.close()
+                    local.close(grace=grace)
         finally:
             _restore_logs(previous)
         return

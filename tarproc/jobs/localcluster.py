@@ -172,12 +172,14 @@ def _make_cluster_class():
             self._replaced += 1
             self._launch(1, first_name=self._n + self._replaced - 1)
 
-        def close(self, timeout=None):
+        def close(self, timeout=None, grace=5.0):
+            """Close the cluster; workers still running a task after ``grace`` seconds are
+            killed (an interrupted job passes a short one: its tasks' outputs are not wanted)."""
             self._closing = True
             try:
                 return super().close(timeout=timeout)
             finally:
-                self._stop_processes()
+                self._stop_processes(grace)
 
         def _stop_processes(self, grace=5.0):
             """Close the workers' stdin pipes and wait for every worker process to end."""
