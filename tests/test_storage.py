@@ -437,6 +437,48 @@ def test_unusable_http_urls_are_one_line_errors_without_credentials(url, cause):
         assert "\n" not in str(info.value)
 
 
+@pytest.mark.timeout(60)
+def test_a_server_that_drips_bytes_is_a_stalled_read(tmp_path):
+    """One byte now and then never trips the timeout of a single read: fewer than 1 KiB in a
+    read_timeout is a stall like silence, retried (resumed) and then an error."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    stop = threading.Event()
+
+    def drip(conn):
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\nETag: \"v1\"\r\n\r\n")
+            while not stop.is_set():
+                try:
+                    conn.sendall(b"x")
+                except OSError:
+                    return
+                time.sleep(0.1)
+
+    def serve():
+        try:
+            while True:
+                conn, _ = server.accept()
+                threading.Thread(target=drip, args=(conn,), daemon=True).start()
+        except OSError:  # closed at the end of the test
+            pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    url = f"http://127.0.0.1:{server.getsockname()[1]}/x.tar"
+    t0 = time.monotonic()
+    with pytest.raises(StorageError, match=r"less than 1024 bytes in 0.5 s at byte \d+ \(gave up after 2 attempts\)"):
+        with storage.open_read(url, read_timeout=0.5, retries=1, backoff=0.01) as f:
+            f.read()
+    assert time.monotonic() - t0 < 10
+    stop.set()
+    server.close()
+
+
 def test_flaky_put_chunked_ok(flaky_http_server, payload):
     srv = flaky_http_server
     with storage.open_write(f"{srv.url}/up/ok.bin") as w:

@@ -53,6 +53,10 @@ _BROKEN = (
     http.client.HTTPException,
     OSError,
 )
+#: Fewer bytes than this in ``read_timeout`` seconds is a stalled body, like silence: a server
+#: that drips a byte now and then would otherwise never trip the timeout of a single read.
+_MIN_PROGRESS = 1024
+
 _CONTENT_RANGE = re.compile(r"\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
 
 _local = threading.local()
@@ -137,6 +141,8 @@ class HttpReader(RawReader):
         self.resp = None
         self.failures = 0
         self.done = False
+        self.window_start = time.monotonic()  # progress is counted per read_timeout window
+        self.window_bytes = 0
         self._connect()
 
     # -- connection management ----------------------------------------------------------------
@@ -216,6 +222,7 @@ class HttpReader(RawReader):
                 length = resp.headers.get("Content-Length")
                 self._check_same_object(resp, int(length) if length else None)
                 self.resp = resp
+                self.window_start, self.window_bytes = time.monotonic(), 0
                 if self.pos > 0 and not self._skip(self.pos):
                     continue
                 return
@@ -231,6 +238,7 @@ class HttpReader(RawReader):
                 total = None if m.group(3) == "*" else int(m.group(3))
                 self._check_same_object(resp, total)
                 self.resp = resp
+                self.window_start, self.window_bytes = time.monotonic(), 0
                 return
             resp.close()
             raise fail("cannot read", self.url, _status_text(resp))
@@ -263,7 +271,8 @@ class HttpReader(RawReader):
                 self._connect()
                 continue
             try:
-                data = self.resp.raw.read(min(len(view), self.opts["chunk_size"]))
+                # read1: what has come, not a full chunk (a dripping body must be seen to drip)
+                data = self.resp.raw.read1(min(len(view), self.opts["chunk_size"]))
             except _BROKEN as exc:
                 self._failed(_reason(exc))
                 continue
@@ -277,7 +286,14 @@ class HttpReader(RawReader):
             n = len(data)
             view[:n] = data
             self.pos += n
-            self.failures = 0
+            self.window_bytes += n
+            now = time.monotonic()
+            if self.window_bytes >= _MIN_PROGRESS:  # real progress: failures are forgiven
+                self.failures = 0
+                self.window_start, self.window_bytes = now, 0
+            elif now - self.window_start > self.opts["read_timeout"]:
+                self._failed(f"less than {_MIN_PROGRESS} bytes in {self.opts['read_timeout']:g} s")
+                self.window_start, self.window_bytes = time.monotonic(), 0
             return n
 
     def close(self):
