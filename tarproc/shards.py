@@ -132,6 +132,21 @@ def expand_inputs(patterns):
     return urls
 
 
+def require_local_inputs(urls):
+    """Raise one PatternError naming the local inputs among ``urls`` that do not exist: a job
+    refuses them before any work (remote ones fail in their tasks)."""
+    import os
+
+    from . import storage
+
+    missing = [u for u in urls if u != "-" and storage.is_local(u)
+               and not os.path.exists(storage.local_path(u))]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise PatternError(f"no such input shard: {', '.join(missing[:3])}{more}")
+    return urls
+
+
 def _existing_file(pattern):
     """Whether ``pattern`` holds pattern characters but names an existing local file as it is
     (``c@2.tgz``, ``b{1}.tgz``): that file is meant, as bash leaves a glob without match alone."""

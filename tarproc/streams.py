@@ -6,6 +6,8 @@ the Python API use for every read and write of samples.
 """
 
 
+import contextlib
+
 from . import shards, storage, tario
 from .errors import DuplicateKeyError, TarprocError
 
@@ -46,7 +48,8 @@ def iter_samples(source, *, strict=False, count=None, max_member_size=None, unsa
     else:
         opened = ((url, None) for url in _input_urls(source))
     for url, fileobj in opened:
-        with (storage.open_read(url) if fileobj is None else _Borrowed(fileobj)) as raw:
+        # (a caller's file object stays open: it is the caller's)
+        with (storage.open_read(url) if fileobj is None else contextlib.nullcontext(fileobj)) as raw:
             # (the reader recognises the compression itself, from magic bytes); `__url__` and
             # messages name the input without credentials (commands see it as __source__)
             for sample in tario.iter_samples(raw, url=storage.redact(url), strict=strict,
@@ -55,19 +58,6 @@ def iter_samples(source, *, strict=False, count=None, max_member_size=None, unsa
                 seen += 1
                 if count is not None and seen >= count:
                     return
-
-
-class _Borrowed:
-    """A caller's file object in a ``with``: left open at the end (it is the caller's)."""
-
-    def __init__(self, fileobj):
-        self.fileobj = fileobj
-
-    def __enter__(self):
-        return self.fileobj
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _input_urls(source):

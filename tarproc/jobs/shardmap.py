@@ -183,18 +183,10 @@ def absolute(url):
     return url
 
 
-def input_urls(pattern, check=True):
-    """The expanded input shards, local paths made absolute. With `check`, missing local ones
-    are one error now, before a cluster starts (remote ones fail in their tasks)."""
-    urls = [absolute(u) for u in shards.expand_inputs(pattern)]
-    if check:
-        import os
-
-        missing = [u for u in urls if storage.is_local(u) and u != "-" and not os.path.exists(storage.local_path(u))]
-        if missing:
-            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-            raise PatternError(f"no such input shard: {', '.join(missing[:3])}{more}")
-    return urls
+def input_urls(pattern):
+    """The expanded input shards, local paths made absolute; missing local ones are one error
+    now, before a cluster starts (see shards.require_local_inputs)."""
+    return shards.require_local_inputs([absolute(u) for u in shards.expand_inputs(pattern)])
 
 
 def _job_options(kw):

@@ -180,6 +180,16 @@ def _read_json(url):
         return json.loads(stream.read().decode("utf-8"))
 
 
+def _ours(plan, url):
+    """The JSON record at ``url`` if this job wrote it (its fingerprint matches), else None
+    (none there, unreadable, or another job's)."""
+    try:
+        record = _read_json(url)
+    except (TarprocError, OSError, ValueError):
+        return None
+    return record if record.get("fingerprint") == plan.fingerprint else None
+
+
 def _write_json(url, value):
     with storage.open_write(url) as stream:
         stream.write(json.dumps(value, sort_keys=True).encode("utf-8"))
@@ -543,10 +553,7 @@ def run_twophase(mode, inputs, outputs, *, ordering, mapper=None, reducer=None, 
     for url in in_urls:
         if url == "-" or url.startswith("pipe:"):
             raise TarprocError(f"{url}: a two-phase job needs input shards, not a stream")
-    missing = [u for u in in_urls if storage.scheme(u) == "file" and not storage.exists(u)]
-    if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise TarprocError(f"no such input shard: {', '.join(missing[:3])}{more}")
+    shards.require_local_inputs(in_urls)
     mapper = UserCode.make(mapper, "process_sample") if not isinstance(mapper, UserCode) else mapper
     reducer = UserCode.make(reducer, "reduce_samples") if not isinstance(reducer, UserCode) else reducer
     combiner = None
@@ -595,11 +602,8 @@ def run_twophase(mode, inputs, outputs, *, ordering, mapper=None, reducer=None, 
             markers = {}
 
             def map_done(m):
-                try:
-                    marker = _read_json(plan.marker_url(m))
-                except (TarprocError, OSError, ValueError):
-                    return False
-                if marker.get("fingerprint") != plan.fingerprint:
+                marker = _ours(plan, plan.marker_url(m))
+                if marker is None:
                     return False
                 markers[m] = marker
                 return True
@@ -619,12 +623,7 @@ def run_twophase(mode, inputs, outputs, *, ordering, mapper=None, reducer=None, 
             plan.sources = [[m for m in range(n_in) if markers[m]["parts"].get(str(p))]
                             for p in range(n_out)]
             def reduce_done(p):
-                if p not in existing:
-                    return False
-                try:
-                    return _read_json(plan.reduce_marker_url(p)).get("fingerprint") == plan.fingerprint
-                except (TarprocError, OSError, ValueError):
-                    return False
+                return p in existing and _ours(plan, plan.reduce_marker_url(p)) is not None
 
             def on_reduce(record):
                 if record["status"] == "done":
@@ -660,13 +659,9 @@ def _driver_kw(client, **kw):
 
 def _boundaries(plan, client, run_items, in_keys, force, common, result):
     """Range boundaries from a sample of keys, reused from the work location on a rerun."""
-    if not force:
-        try:
-            saved = _read_json(plan.boundaries_url)
-            if saved.get("fingerprint") == plan.fingerprint:
-                return saved["boundaries"]
-        except (TarprocError, OSError, ValueError):
-            pass
+    saved = None if force else _ours(plan, plan.boundaries_url)
+    if saved is not None:
+        return saved["boundaries"]
     res = run_items(functools.partial(sample_task, plan), range(len(plan.inputs)), keys=in_keys,
                     **_driver_kw(client, desc="sample", **common))
     result.phases["sample"] = res

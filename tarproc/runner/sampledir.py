@@ -433,23 +433,22 @@ def _read_file(name, dir_fd=None, key=None, limit=None):
             raise SampleFailed(f"sample {key!r}: the command left {name} as something other than a "
                                "regular file (or a link to one)", key=key, status="badfile")
         size = st.st_size
-        if limit is not None and size > limit:
+        data = b""
+        if limit is None or size <= limit:  # (a longer one is not read at all)
+            data = os.read(fd, size + 1) if size else b""
+            if len(data) <= size:  # short read or a file still growing: read to EOF
+                chunks = [data]
+                total = len(data)
+                while limit is None or total <= limit:
+                    chunk = os.read(fd, 1 << 20)
+                    if not chunk:
+                        break
+                    chunks.append(chunk)
+                    total += len(chunk)
+                data = b"".join(chunks)
+        if limit is not None and max(size, len(data)) > limit:
             raise SampleFailed(f"sample {key!r}: {name} written by the command is over {limit} bytes",
                                key=key, status="badfile")
-        data = os.read(fd, size + 1) if size else b""
-        if len(data) <= size:  # short read or a file still growing: read to EOF
-            chunks = [data]
-            total = len(data)
-            while True:
-                chunk = os.read(fd, 1 << 20)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                total += len(chunk)
-                if limit is not None and total > limit:
-                    raise SampleFailed(f"sample {key!r}: {name} written by the command is over "
-                                       f"{limit} bytes", key=key, status="badfile")
-            data = b"".join(chunks)
         return data
     finally:
         os.close(fd)
